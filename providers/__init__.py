@@ -1,0 +1,1 @@
+"""Sources of GPU capacity, one module each, behind the small protocol in ``providers.base``."""
