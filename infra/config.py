@@ -1,0 +1,91 @@
+"""Where state lives and the few settings a user changes: ``$TUNEFLEET_HOME/config.yaml``.
+
+Why a file and not flags: the daemon runs for weeks; what it joins (``ray_address``) and where
+checkpoints go by default must be the same for every command that talks to the same home.
+
+    ray_address: 127.0.0.1:6380       # join an existing cluster (default: start an embedded one)
+    ray_num_cpus: 2                   # embedded cluster only
+    ray_num_gpus: null                # embedded cluster only (null = detect)
+    default_store: file:///data/ckpt  # default: file://$TUNEFLEET_HOME/checkpoints
+    poll_interval_s: 1.0
+    max_preemptions: 20               # per job, then it fails
+    max_failures: 2                   # attempts that fail (not preempted) before the job fails
+    stop_grace_s: 60                  # SIGTERM grace before SIGKILL on cancel
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """The config file is malformed; the message names the key and the file."""
+
+
+def tunefleet_home() -> Path:
+    return Path(os.environ.get("TUNEFLEET_HOME") or "~/.tunefleet").expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class Config:
+    home: Path
+    ray_address: str | None = None
+    ray_num_cpus: int | None = None
+    ray_num_gpus: int | None = None
+    default_store: str = ""
+    poll_interval_s: float = 1.0
+    max_preemptions: int = 20
+    max_failures: int = 2
+    stop_grace_s: float = 60.0
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "state.db"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    def attempt_log(self, attempt_id: str) -> Path:
+        return self.logs_dir / f"{attempt_id}.log"
+
+
+def load_config(home: Path | None = None) -> Config:
+    home = (home or tunefleet_home()).resolve()
+    path = home / "config.yaml"
+    raw: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: must be a mapping of settings")
+        raw = loaded
+    known = {f.name: f for f in fields(Config) if f.name != "home"}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if os.environ.get("TUNEFLEET_RAY_ADDRESS"):
+        raw["ray_address"] = os.environ["TUNEFLEET_RAY_ADDRESS"]
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if value is None:
+            continue
+        kind = known[key].type
+        try:
+            if "int" in str(kind):
+                values[key] = int(value)
+            elif "float" in str(kind):
+                values[key] = float(value)
+            else:
+                values[key] = str(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: {key} must be a {kind}, got {value!r}") from None
+    values.setdefault("default_store", (home / "checkpoints").as_uri())
+    return Config(home=home, **values)
