@@ -1,0 +1,390 @@
+"""The training payload: runs wherever an attempt landed, and talks back only through the store.
+
+    python -m jobs.train --spec SPEC.json --store URI --job-id J --attempt-id A [--work-dir DIR]
+
+(each flag also reads ``TUNEFLEET_SPEC``/``TUNEFLEET_STORE``/... so a cloud launcher can pass envs).
+
+Contract with the orchestrator:
+- On start it resumes from the newest *committed* checkpoint in the store whose files verify;
+  a corrupt or half-written one is skipped.
+- Every ``save_every`` steps the Trainer writes a checkpoint; a callback uploads it and commits it
+  (manifest last), then applies retention.
+- SIGTERM means "you are being preempted": finish the current step, save, commit, exit 75.
+- It writes ``progress.json`` (step, loss, tokens/s, checkpoint) to the store as it goes.
+- Exit codes: 0 done (final adapter committed), 75 preempted (resumable), 2 bad input, 1 failure.
+
+Imports only ``jobs`` and ``infra``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
+
+
+class _Preemption:
+    """SIGTERM handling. Before training starts there is nothing to save: exit at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.training = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+        print(f"[tunefleet] SIGTERM received (training={self.training})", file=sys.stderr, flush=True)
+        if not self.training:
+            raise SystemExit(EXIT_PREEMPTED)
+
+
+PREEMPTION = _Preemption()
+
+
+def _arg(parser_value: str | None, env: str) -> str | None:
+    return parser_value if parser_value is not None else os.environ.get(env)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0])
+    p.add_argument("--spec", help="job spec JSON file (env TUNEFLEET_SPEC; or TUNEFLEET_SPEC_JSON inline)")
+    p.add_argument("--store", help="checkpoint store URI (env TUNEFLEET_STORE)")
+    p.add_argument("--job-id", help="env TUNEFLEET_JOB_ID")
+    p.add_argument("--attempt-id", help="env TUNEFLEET_ATTEMPT_ID")
+    p.add_argument("--work-dir", help="local scratch folder (default: a temp folder)")
+    ns = p.parse_args(argv)
+    ns.spec = _arg(ns.spec, "TUNEFLEET_SPEC")
+    ns.store = _arg(ns.store, "TUNEFLEET_STORE")
+    ns.job_id = _arg(ns.job_id, "TUNEFLEET_JOB_ID")
+    ns.attempt_id = _arg(ns.attempt_id, "TUNEFLEET_ATTEMPT_ID") or "manual"
+    ns.work_dir = _arg(ns.work_dir, "TUNEFLEET_WORK_DIR")
+    return ns
+
+
+def _load_spec(ns: argparse.Namespace):
+    from jobs.spec import JobSpec
+
+    if ns.spec:
+        raw = json.loads(Path(ns.spec).read_text())
+    elif os.environ.get("TUNEFLEET_SPEC_JSON"):
+        raw = json.loads(os.environ["TUNEFLEET_SPEC_JSON"])
+    else:
+        raise ValueError("no job spec: pass --spec FILE or set TUNEFLEET_SPEC_JSON")
+    return JobSpec.from_payload_dict(raw)
+
+
+class Progress:
+    """Writes the small progress object the daemon reads; never lets a write failure kill training."""
+
+    def __init__(self, store, job_id: str, attempt_id: str):
+        self.store, self.job_id = store, job_id
+        self.doc: dict[str, Any] = {"attempt_id": attempt_id, "state": "starting", "step": 0}
+        self._last = 0.0
+
+    def update(self, force: bool = False, **fields: Any) -> None:
+        self.doc.update(fields)
+        now = time.time()
+        if not force and now - self._last < 0.5:
+            return
+        self._last = now
+        self.doc["updated_at"] = now
+        try:
+            self.store.write_json(self.job_id, "progress.json", self.doc)
+        except Exception as exc:  # progress is advisory; checkpoints are what matter
+            print(f"[tunefleet] progress write failed: {exc}", file=sys.stderr, flush=True)
+
+
+def resolve_device(spec) -> str:
+    import torch
+
+    wants_gpu = spec.resources.gpus > 0 and spec.resources.device != "cpu"
+    if wants_gpu and torch.cuda.is_available():
+        return "cuda"
+    if wants_gpu and spec.resources.device == "cuda":
+        raise RuntimeError("the job asks for device: cuda, but no CUDA GPU is visible here")
+    return "cpu"
+
+
+def load_model_and_tokenizer(spec, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
+
+    from jobs.tiny import TINY_MODEL_ID, tiny_model_dir
+
+    source = str(tiny_model_dir()) if spec.base_model == TINY_MODEL_ID else spec.base_model
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    use_bf16 = device == "cuda" and torch.cuda.is_bf16_supported() and spec.bf16 in ("auto", True)
+    compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
+    kwargs: dict[str, Any] = {"dtype": compute_dtype}
+    if spec.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    elif spec.load_in_8bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if device == "cuda" and "quantization_config" in kwargs:
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    # LoRA's A matrices are drawn from the global RNG: seed it, or every attempt starts elsewhere.
+    set_seed(spec.seed)
+    if spec.adapter:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if spec.load_in_4bit or spec.load_in_8bit:
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=spec.gradient_checkpointing
+            )
+        targets: Any = list(spec.lora_target_modules) if spec.lora_target_modules else "all-linear"
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=spec.lora_r,
+                lora_alpha=spec.lora_alpha,
+                lora_dropout=spec.lora_dropout,
+                target_modules=targets,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    return model, tokenizer, use_bf16
+
+
+def find_resume_point(store, job_id: str, work_dir: Path) -> tuple[Path | None, int]:
+    """Download the newest committed checkpoint that verifies; fall back to older ones."""
+    from infra.storage import CorruptCheckpoint
+
+    for ref in reversed(store.list_checkpoints(job_id)):
+        dest = work_dir / f"checkpoint-{ref.step}"
+        shutil.rmtree(dest, ignore_errors=True)
+        try:
+            store.download(ref, dest)
+        except CorruptCheckpoint as exc:
+            print(f"[tunefleet] skipping checkpoint {ref.step}: {exc}", file=sys.stderr, flush=True)
+            continue
+        return dest, ref.step
+    return None, 0
+
+
+def _make_callback(store, spec, job_id: str, attempt_id: str, progress: Progress, tokens_per_step: float):
+    from transformers import TrainerCallback
+
+    class StoreCallback(TrainerCallback):
+        """Commits each checkpoint the Trainer writes, reports progress, obeys SIGTERM."""
+
+        def __init__(self) -> None:
+            self.t0 = time.time()
+            self.start_step: int | None = None
+            self.loss: float | None = None
+            self.eval_loss: float | None = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.start_step = state.global_step
+            self.t0 = time.time()
+            PREEMPTION.training = True
+            progress.update(force=True, state="running", step=state.global_step, total_steps=state.max_steps)
+            if PREEMPTION.requested:
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.loss = float(logs["loss"])
+            if logs and "eval_loss" in logs:
+                self.eval_loss = float(logs["eval_loss"])
+                progress.update(force=True, eval_loss=self.eval_loss)
+
+        def on_step_end(self, args, state, control, **kw):
+            done = state.global_step - (self.start_step or 0)
+            elapsed = max(time.time() - self.t0, 1e-6)
+            progress.update(
+                step=state.global_step,
+                total_steps=state.max_steps,
+                loss=self.loss,
+                epoch=state.epoch,
+                tokens_per_s=round(done * tokens_per_step / elapsed, 1),
+            )
+            if PREEMPTION.requested:
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_save(self, args, state, control, **kw):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            ref = store.commit_checkpoint(
+                job_id, state.global_step, folder,
+                meta={"attempt_id": attempt_id, "loss": self.loss, "eval_loss": self.eval_loss},
+            )
+            store.apply_retention(job_id, spec.checkpoint.keep)
+            progress.update(force=True, step=state.global_step, checkpoint_step=ref.step, checkpoint_uri=ref.uri)
+            print(f"[tunefleet] committed checkpoint {ref.step} -> {ref.uri}", file=sys.stderr, flush=True)
+
+    return StoreCallback()
+
+
+def train(ns: argparse.Namespace) -> int:
+    from infra.storage import open_store
+    from jobs import data as data_mod
+
+    spec = _load_spec(ns)
+    store = open_store(ns.store)
+    job_id = ns.job_id
+    if not job_id:
+        raise ValueError("no job id: pass --job-id or set TUNEFLEET_JOB_ID")
+    progress = Progress(store, job_id, ns.attempt_id)
+    progress.update(force=True, state="starting")
+
+    own_work = ns.work_dir is None
+    work_dir = Path(ns.work_dir or tempfile.mkdtemp(prefix=f"tunefleet-{job_id}-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    device = resolve_device(spec)
+    if device == "cpu":
+        torch.set_num_threads(max(1, spec.resources.cpus))
+    model, tokenizer, use_bf16 = load_model_and_tokenizer(spec, device)
+    examples = data_mod.load_examples([d.model_dump() for d in spec.datasets], tokenizer, spec.sequence_len)
+    train_ex, val_ex = data_mod.split(examples, spec.val_set_size, spec.seed)
+
+    def to_ds(exs):
+        return Dataset.from_dict(
+            {"input_ids": [e.input_ids for e in exs], "completion_mask": [e.completion_mask for e in exs]}
+        )
+
+    resume_dir, resume_step = find_resume_point(store, job_id, work_dir)
+    progress.update(force=True, resumed_from_step=resume_step)
+    print(f"[tunefleet] job {job_id} attempt {ns.attempt_id}: device={device}, "
+          f"{len(train_ex)} train / {len(val_ex)} eval examples, resume from step {resume_step}",
+          file=sys.stderr, flush=True)
+
+    batch = spec.micro_batch_size * spec.gradient_accumulation_steps
+    mean_len = sum(len(e.input_ids) for e in train_ex) / len(train_ex)
+    config = SFTConfig(
+        output_dir=str(work_dir),
+        max_steps=spec.max_steps or -1,
+        num_train_epochs=spec.num_epochs,
+        per_device_train_batch_size=spec.micro_batch_size,
+        per_device_eval_batch_size=spec.micro_batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        learning_rate=spec.learning_rate,
+        lr_scheduler_type=spec.lr_scheduler,
+        warmup_steps=spec.warmup_steps,
+        optim=_optimizer(spec.optimizer, device),
+        weight_decay=spec.weight_decay,
+        max_grad_norm=spec.max_grad_norm,
+        seed=spec.seed,
+        data_seed=spec.seed,
+        save_strategy="steps",
+        save_steps=spec.save_every,
+        save_total_limit=2,
+        logging_steps=spec.logging_steps,
+        eval_strategy="steps" if val_ex else "no",
+        eval_steps=spec.save_every if val_ex else None,
+        report_to=[],
+        use_cpu=device == "cpu",
+        bf16=use_bf16,
+        gradient_checkpointing=spec.gradient_checkpointing,
+        dataloader_num_workers=0,
+        max_length=spec.sequence_len,
+        packing=spec.sample_packing,
+        completion_only_loss=True,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=to_ds(train_ex),
+        eval_dataset=to_ds(val_ex) if val_ex else None,
+        processing_class=tokenizer,
+    )
+    callback = _make_callback(store, spec, job_id, ns.attempt_id, progress, batch * mean_len)
+    trainer.add_callback(callback)
+
+    result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    step = trainer.state.global_step
+    if PREEMPTION.requested:
+        progress.update(force=True, state="preempted", step=step)
+        print(f"[tunefleet] preempted at step {step}; checkpoint committed, exiting {EXIT_PREEMPTED}",
+              file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+
+    eval_loss = None
+    if val_ex:
+        eval_loss = float(trainer.evaluate()["eval_loss"])
+    final_dir = work_dir / "final"
+    trainer.save_model(str(final_dir))
+    tokenizer.save_pretrained(str(final_dir))
+    meta = {
+        "step": step,
+        "train_loss": float(result.training_loss) if result.training_loss is not None else None,
+        "final_loss": callback.loss,
+        "eval_loss": eval_loss,
+        "attempt_id": ns.attempt_id,
+        "base_model": spec.base_model,
+        "adapter": spec.adapter,
+        "seed": spec.seed,
+        "resumed_from_step": resume_step,
+    }
+    (final_dir / "tunefleet_training.json").write_text(json.dumps(meta, indent=1))
+    ref = store.commit_final(job_id, final_dir, meta=meta)
+    progress.update(
+        force=True, state="succeeded", step=step, loss=callback.loss, eval_loss=eval_loss,
+        adapter_uri=ref.uri, final_loss=callback.loss,
+    )
+    if own_work:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    print(f"[tunefleet] done at step {step}; final adapter -> {ref.uri}", file=sys.stderr, flush=True)
+    return EXIT_OK
+
+
+def _optimizer(name: str, device: str) -> str:
+    """Paged optimizers need CUDA; on CPU fall back to their non-paged twin (same maths)."""
+    if device == "cpu" and name.startswith("paged_"):
+        return {"paged_adamw_32bit": "adamw_torch", "paged_adamw_8bit": "adamw_bnb_8bit"}.get(name, "adamw_torch")
+    if name == "adamw_8bit":
+        return "adamw_bnb_8bit"
+    return name
+
+
+def main(argv: list[str] | None = None) -> int:
+    PREEMPTION.install()
+    ns = parse_args(argv)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if not ns.store:
+            raise ValueError("no checkpoint store: pass --store URI or set TUNEFLEET_STORE")
+        return train(ns)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"[tunefleet] bad input: {exc}", file=sys.stderr, flush=True)
+        traceback.print_exc()
+        return EXIT_BAD_INPUT
+    except Exception:
+        traceback.print_exc()
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
