@@ -251,6 +251,11 @@ def train(ns: argparse.Namespace) -> int:
     progress = Progress(store, job_id, ns.attempt_id)
     progress.update(force=True, state="starting")
 
+    # bitsandbytes' CPU 4-bit kernels use OpenMP threads of their own, beyond torch.set_num_threads,
+    # and their results depend on the thread count: pin it (before torch loads) to the CPUs the job
+    # reserved, or two runs of the same QLoRA job on CPU are not bitwise equal.
+    os.environ["OMP_NUM_THREADS"] = str(max(1, spec.resources.cpus))
+
     own_work = ns.work_dir is None
     work_dir = Path(ns.work_dir or tempfile.mkdtemp(prefix=f"tunefleet-{job_id}-"))
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -273,7 +278,8 @@ def train(ns: argparse.Namespace) -> int:
 
     resume_dir, resume_step = find_resume_point(store, job_id, work_dir)
     progress.update(force=True, resumed_from_step=resume_step)
-    print(f"[tunefleet] job {job_id} attempt {ns.attempt_id}: device={device}, "
+    print(f"[tunefleet] job {job_id} attempt {ns.attempt_id}: device={device} "
+          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}), "
           f"{len(train_ex)} train / {len(val_ex)} eval examples, resume from step {resume_step}",
           file=sys.stderr, flush=True)
 
@@ -317,6 +323,12 @@ def train(ns: argparse.Namespace) -> int:
         eval_dataset=to_ds(val_ex) if val_ex else None,
         processing_class=tokenizer,
     )
+    # TRL casts QLoRA adapter weights to bf16, but resuming loads them through peft's
+    # load_adapter, which upcasts them to fp32: a resumed attempt would train in another
+    # precision than an uninterrupted one. Keep them fp32 from the start so both match exactly.
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
     callback = _make_callback(store, spec, job_id, ns.attempt_id, progress, batch * mean_len)
     trainer.add_callback(callback)
 
