@@ -1,0 +1,163 @@
+"""The one protocol every source of capacity implements: offers, launch, poll, cancel.
+
+Why this shape (after dstack's ``Compute`` and SkyPilot's clouds): a small required core with its
+contracts written here, so the daemon treats every provider the same; offers are frozen values the
+scheduler can rank without calling anyone; raw provider states are mapped to ``RunState`` by each
+provider, once; and one error tree tells the daemon what to do next.
+
+Contracts:
+- ``offers`` may block on the network but must honour its own timeout; it raises only
+  ``ProviderError`` subclasses.
+- ``launch`` returns quickly with a JSON-safe handle; the daemon polls. The attempt id is the
+  resource's name/tag, so a restarted daemon can find what it launched (``handle_for``).
+- ``poll`` never blocks for long; it reports ``RunState.UNKNOWN`` rather than raising on a
+  transient fault.
+- ``cancel`` and ``signal`` are idempotent: safe to call twice or on something already gone.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class PriceSource(StrEnum):
+    LIVE = "live"
+    CATALOG = "catalog"
+    SNAPSHOT = "snapshot"
+    COST_MODEL = "cost_model"
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One place a job could run, at a price. Plain values; provider detail in ``extra``."""
+
+    provider: str
+    offer_id: str
+    gpu: str  # GPU model, or "cpu"
+    gpu_count: int
+    vram_gb: float  # per GPU (0 for CPU)
+    usd_per_hour: float
+    interruptible: bool = False
+    hazard_per_hour: float = 0.0  # expected interruptions per hour
+    region: str = "local"
+    on_premises: bool = False  # data never leaves
+    startup_s: float = 0.0
+    price_source: PriceSource = PriceSource.COST_MODEL
+    price_date: str | None = None
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "offer_id": self.offer_id,
+            "gpu": self.gpu,
+            "gpu_count": self.gpu_count,
+            "vram_gb": self.vram_gb,
+            "usd_per_hour": self.usd_per_hour,
+            "interruptible": self.interruptible,
+            "hazard_per_hour": self.hazard_per_hour,
+            "region": self.region,
+            "on_premises": self.on_premises,
+            "startup_s": self.startup_s,
+            "price_source": str(self.price_source),
+            "price_date": self.price_date,
+        }
+
+
+class RunState(StrEnum):
+    """What a provider can tell about a launched attempt, mapped from its raw states."""
+
+    PENDING = "pending"  # accepted, waiting for capacity or still starting
+    RUNNING = "running"
+    EXITED = "exited"  # the payload exited; see exit_code
+    LOST = "lost"  # the capacity is gone (spot reclaimed, node died): a preemption
+    UNKNOWN = "unknown"  # could not tell this time (transient); ask again later
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    state: RunState
+    exit_code: int | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """Everything a provider needs to start one attempt of the payload."""
+
+    job_id: str
+    attempt_id: str
+    spec: dict[str, Any]  # the validated job spec, JSON-safe (JobSpec.to_payload_dict())
+    store_uri: str
+    gpus: int
+    cpus: int
+    log_path: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+# ---- one error tree; the daemon maps each class to an action ----
+class ProviderError(Exception):
+    """Base of every error a provider raises."""
+
+
+class ProviderUnavailable(ProviderError):
+    """Disabled or unreachable (missing credentials, SDK not installed): skip this provider."""
+
+
+class NoCapacity(ProviderError):
+    """The offer is gone or cannot be had now: try the next offer."""
+
+
+class LaunchFailed(ProviderError):
+    """The launch itself failed for a reason that retrying the same offer will not fix."""
+
+
+class TransientError(ProviderError):
+    """Retry later (rate limit, 5xx, timeout)."""
+
+    def __init__(self, message: str, retry_after_s: float = 5.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Provider(abc.ABC):
+    """A source of capacity. Subclasses implement the five abstract methods and nothing else."""
+
+    name: str
+
+    @abc.abstractmethod
+    def check(self) -> tuple[bool, str]:
+        """(enabled, reason). Never raises."""
+
+    @abc.abstractmethod
+    def offers(self, spec: dict[str, Any]) -> list[Offer]:
+        """Offers that could run this job (the provider may pre-filter obvious misfits)."""
+
+    @abc.abstractmethod
+    def launch(self, request: LaunchRequest, offer: Offer) -> dict[str, Any]:
+        """Start an attempt; return a JSON-safe handle at once. Raises NoCapacity/LaunchFailed."""
+
+    @abc.abstractmethod
+    def poll(self, handle: dict[str, Any]) -> RunStatus:
+        """The attempt's state now. Never raises for transient faults: returns UNKNOWN."""
+
+    @abc.abstractmethod
+    def cancel(self, handle: dict[str, Any], grace_s: float = 0.0) -> None:
+        """Stop the attempt and release its capacity. Idempotent."""
+
+    def handle_for(self, attempt_id: str) -> dict[str, Any] | None:
+        """Rebuild a handle from the attempt id alone (used after a daemon crash). Optional."""
+        return None
+
+    def signal(self, handle: dict[str, Any], hard: bool) -> bool:
+        """Deliver a preemption drill (SIGTERM with grace, or SIGKILL). Optional; False = unsupported."""
+        return False
+
+    def release(self, handle: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Free bookkeeping after the daemon has recorded an attempt's end. Idempotent."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Disconnect at daemon exit. Must not stop attempts that should outlive the daemon."""

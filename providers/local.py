@@ -1,0 +1,292 @@
+"""The team's own machines, through Ray: an embedded single-node instance, or a cluster it joins.
+
+Why Ray: users with several GPU boxes already run ``ray start --head`` / ``ray start --address``;
+Ray then does the bookkeeping of which GPU is free on which node. Each attempt is a *named, detached
+actor* (name = attempt id) that reserves the GPUs the offer promised and runs the training payload
+as a subprocess. Naming the actor after the attempt is what lets a restarted daemon find (adopt)
+what it launched before a crash; the actor only starts the subprocess and answers quick calls, so
+no call ever blocks the daemon for long.
+
+The payload gets ``PR_SET_PDEATHSIG=SIGTERM``: if the actor's process dies (node shutdown, embedded
+cluster torn down with the daemon), the payload is told it is being preempted and saves first.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import cache
+from typing import Any
+
+from providers.base import (
+    LaunchFailed,
+    LaunchRequest,
+    Offer,
+    PriceSource,
+    Provider,
+    ProviderUnavailable,
+    RunState,
+    RunStatus,
+)
+
+NAMESPACE = "tunefleet"
+_POLL_TIMEOUT_S = 3.0
+
+
+def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except Exception:  # not Linux: the payload just outlives a dead actor
+        pass
+
+
+@cache
+def _runner_class():
+    """The actor class, defined on first use so importing this module does not import Ray."""
+    import ray
+
+    @ray.remote(max_restarts=0, max_task_retries=0)
+    class AttemptRunner:
+        """Runs one attempt's payload as a subprocess on whichever node Ray placed it."""
+
+        def __init__(self) -> None:
+            self.proc = None
+            self.error: str | None = None
+
+        def start(self, argv: list[str], env: dict[str, str], log_path: str) -> int | None:
+            import subprocess
+
+            if self.proc is not None:  # idempotent
+                return self.proc.pid
+            try:
+                os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+                full_env = {**os.environ, **env}
+                full_env["TUNEFLEET_RAY_GPU_IDS"] = ",".join(str(g) for g in ray.get_gpu_ids())
+                with open(log_path, "ab") as log:
+                    self.proc = subprocess.Popen(
+                        argv,
+                        env=full_env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        preexec_fn=_set_pdeathsig,
+                    )
+                return self.proc.pid
+            except Exception as exc:  # reported through poll
+                self.error = f"could not start the payload: {exc}"
+                return None
+
+        def poll(self) -> dict[str, Any]:
+            if self.error:
+                return {"state": "error", "detail": self.error}
+            if self.proc is None:
+                return {"state": "pending"}
+            rc = self.proc.poll()
+            return {"state": "running" if rc is None else "exited", "exit_code": rc, "pid": self.proc.pid}
+
+        def signal(self, signum: int) -> bool:
+            if self.proc is None or self.proc.poll() is not None:
+                return False
+            try:
+                os.killpg(self.proc.pid, signum)
+            except ProcessLookupError:
+                return False
+            return True
+
+    return AttemptRunner
+
+
+class LocalRayProvider(Provider):
+    """Local GPUs (or the CPU) of a Ray cluster. Price comes from the cost model in config."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        *,
+        address: str | None = None,
+        num_cpus: int | None = None,
+        num_gpus: int | None = None,
+        usd_per_hour: float = 0.0,
+        python: str | None = None,
+    ) -> None:
+        self.address = address
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self.usd_per_hour = usd_per_hour
+        self.python = python or sys.executable
+        self._ray = None
+
+    # ---- connection ----
+    def _connect(self):
+        if self._ray is not None:
+            return self._ray
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        try:
+            import ray
+        except ImportError as exc:
+            raise ProviderUnavailable("Ray is not installed: pip install 'tunefleet[local]'") from exc
+        if not ray.is_initialized():
+            try:
+                if self.address:
+                    ray.init(address=self.address, namespace=NAMESPACE, log_to_driver=False)
+                else:
+                    ray.init(
+                        num_cpus=self.num_cpus,
+                        num_gpus=self.num_gpus,
+                        include_dashboard=False,
+                        namespace=NAMESPACE,
+                        log_to_driver=False,
+                    )
+            except Exception as exc:
+                where = f"the Ray cluster at {self.address}" if self.address else "an embedded Ray instance"
+                raise ProviderUnavailable(f"could not connect to {where}: {exc}") from exc
+        self._ray = ray
+        return ray
+
+    def check(self) -> tuple[bool, str]:
+        try:
+            ray = self._connect()
+            res = ray.cluster_resources()
+        except ProviderUnavailable as exc:
+            return False, str(exc)
+        kind = f"joined {self.address}" if self.address else "embedded"
+        return True, f"Ray {kind}: {int(res.get('CPU', 0))} CPUs, {int(res.get('GPU', 0))} GPUs"
+
+    # ---- offers ----
+    def offers(self, spec: dict[str, Any]) -> list[Offer]:
+        ray = self._connect()
+        res = ray.cluster_resources()
+        total_gpus = int(res.get("GPU", 0))
+        total_cpus = int(res.get("CPU", 0))
+        models = sorted(k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:"))
+        resources = spec.get("resources") or {}
+        need_gpus = int(resources.get("gpus", 1))
+        device = resources.get("device", "auto")
+        need_cpus = int(resources.get("cpus", 1))
+        if need_cpus > total_cpus:
+            return []
+        if need_gpus > 0 and device != "cpu" and total_gpus >= need_gpus:
+            gpu = models[0] if models else "gpu"
+            return [self._offer(f"local-{gpu}x{need_gpus}", gpu, need_gpus)]
+        if need_gpus == 0 or device in ("auto", "cpu"):
+            return [self._offer("local-cpu", "cpu", 0)]
+        return []
+
+    def _offer(self, offer_id: str, gpu: str, count: int) -> Offer:
+        return Offer(
+            provider=self.name,
+            offer_id=offer_id,
+            gpu=gpu,
+            gpu_count=count,
+            vram_gb=0.0,
+            usd_per_hour=self.usd_per_hour,
+            region=self.address or "embedded",
+            on_premises=True,
+            price_source=PriceSource.COST_MODEL,
+        )
+
+    # ---- attempts ----
+    def launch(self, request: LaunchRequest, offer: Offer) -> dict[str, Any]:
+        import json
+
+        ray = self._connect()
+        runner = _runner_class()
+        argv = [
+            self.python, "-m", "jobs.train",
+            "--store", request.store_uri,
+            "--job-id", request.job_id,
+            "--attempt-id", request.attempt_id,
+        ]
+        env = {"TUNEFLEET_SPEC_JSON": json.dumps(request.spec), **request.env}
+        try:
+            actor = runner.options(
+                name=request.attempt_id,
+                namespace=NAMESPACE,
+                lifetime="detached",
+                num_cpus=request.cpus,
+                num_gpus=offer.gpu_count,
+                get_if_exists=True,
+            ).remote()
+            actor.start.remote(argv, env, request.log_path)
+        except Exception as exc:
+            raise LaunchFailed(f"Ray could not create the attempt actor: {exc}") from exc
+        _ = ray
+        return {"actor": request.attempt_id, "namespace": NAMESPACE}
+
+    def handle_for(self, attempt_id: str) -> dict[str, Any] | None:
+        return {"actor": attempt_id, "namespace": NAMESPACE}
+
+    def _actor(self, handle: dict[str, Any]):
+        ray = self._connect()
+        try:
+            return ray.get_actor(handle["actor"], namespace=handle.get("namespace", NAMESPACE))
+        except ValueError:
+            return None
+
+    def poll(self, handle: dict[str, Any]) -> RunStatus:
+        ray = self._connect()
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        actor = self._actor(handle)
+        if actor is None:
+            return RunStatus(RunState.LOST, detail="the attempt's Ray actor no longer exists")
+        try:
+            info = ray.get(actor.poll.remote(), timeout=_POLL_TIMEOUT_S)
+        except GetTimeoutError:
+            return RunStatus(RunState.PENDING, detail="waiting for Ray to place the attempt")
+        except RayActorError as exc:
+            return RunStatus(RunState.LOST, detail=f"the node running the attempt was lost: {exc}")
+        except Exception as exc:
+            return RunStatus(RunState.UNKNOWN, detail=str(exc))
+        state = info.get("state")
+        if state == "running":
+            return RunStatus(RunState.RUNNING, detail=f"pid {info.get('pid')}")
+        if state == "exited":
+            return RunStatus(RunState.EXITED, exit_code=info.get("exit_code"))
+        if state == "error":
+            return RunStatus(RunState.EXITED, exit_code=127, detail=info.get("detail", ""))
+        return RunStatus(RunState.PENDING)
+
+    def signal(self, handle: dict[str, Any], hard: bool) -> bool:
+        import signal as sig
+
+        ray = self._connect()
+        actor = self._actor(handle)
+        if actor is None:
+            return False
+        try:
+            return bool(ray.get(actor.signal.remote(int(sig.SIGKILL if hard else sig.SIGTERM)), timeout=10))
+        except Exception:
+            return False
+
+    def cancel(self, handle: dict[str, Any], grace_s: float = 0.0) -> None:
+        import time
+
+        if grace_s > 0 and self.signal(handle, hard=False):
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline:
+                if self.poll(handle).state is not RunState.RUNNING:
+                    break
+                time.sleep(0.5)
+        self.signal(handle, hard=True)
+        self.release(handle)
+
+    def release(self, handle: dict[str, Any]) -> None:
+        actor = self._actor(handle)
+        if actor is not None:
+            try:
+                self._connect().kill(actor, no_restart=True)
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        if self._ray is not None and self._ray.is_initialized():
+            self._ray.shutdown()
+        self._ray = None
