@@ -1,0 +1,365 @@
+"""``tunefleet``: the command line. Starts fast: torch, Ray and SkyPilot are imported only by the
+commands that need them (``daemon``, ``demo``). Every command that prints a table takes ``--json``.
+
+Exit codes: 0 ok; 1 operational error (unknown job, invalid transition, locked daemon);
+2 bad input (invalid job file, bad config). Errors never change the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from infra.config import Config, ConfigError, load_config
+from orchestrator.queue import job_summary, submit_spec
+from orchestrator.states import JobState
+
+app = typer.Typer(
+    name="tunefleet",
+    help="Run LLM fine-tuning jobs on the cheapest capacity that can do them, and survive preemption.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def _config() -> Config:
+    try:
+        return load_config()
+    except ConfigError as exc:
+        raise CliError(str(exc), 2) from None
+
+
+def _store(config: Config):
+    from orchestrator.store import Store
+
+    config.home.mkdir(parents=True, exist_ok=True)
+    return Store(config.db_path)
+
+
+def _emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=1, default=str) + "\n")
+
+
+def _job_id(store, prefix: str) -> str:
+    from orchestrator.store import JobNotFound
+
+    try:
+        return store.resolve_job_id(prefix)
+    except JobNotFound as exc:
+        raise CliError(str(exc)) from None
+
+
+# ---------------------------------------------------------------- validate / submit
+def _load(path: Path):
+    from jobs.spec import JobFileError, load_job_file
+
+    try:
+        return load_job_file(path)
+    except JobFileError as exc:
+        n = len(exc.problems)
+        raise CliError(f"{path}: {n} problem{'s' if n != 1 else ''}; nothing was queued\n{exc}", 2) from None
+
+
+@app.command()
+def validate(job_file: Path, json_out: JsonOpt = False) -> None:
+    """Check a job file and report every problem at once (with key paths and lines)."""
+    spec = _load(job_file)
+    if json_out:
+        _emit_json({"valid": True, "spec": spec.to_payload_dict()})
+    else:
+        console.print(f"[green]ok[/]: {job_file} is a valid {spec.adapter or 'full'} fine-tune of {spec.base_model}")
+
+
+@app.command()
+def submit(
+    job_file: Path,
+    priority: Annotated[int | None, typer.Option(help="Higher runs first (default: the file's priority).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Validate a job file and queue it. Prints the job id."""
+    spec = _load(job_file)
+    config = _config()
+    with _store(config) as store:
+        job_id = submit_spec(store, spec, config, priority)
+    if json_out:
+        _emit_json({"id": job_id})
+    else:
+        console.print(job_id)
+
+
+# ---------------------------------------------------------------- status
+def _status_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for col in ("ID", "NAME", "STATE", "PROVIDER", "STEP", "LOSS", "ATT", "ELAPSED", "COST"):
+        table.add_column(col, justify="right" if col in ("STEP", "LOSS", "ATT", "ELAPSED", "COST") else "left")
+    colors = {"succeeded": "green", "failed": "red", "running": "cyan", "preempted": "yellow", "cancelled": "dim"}
+    for r in rows:
+        step = f"{r['step']}/{r['total_steps']}" if r["total_steps"] else str(r["step"])
+        table.add_row(
+            r["id"], r["name"], f"[{colors.get(r['state'], 'white')}]{r['state']}[/]", r["provider"] or "-",
+            step, f"{r['loss']:.4f}" if r["loss"] is not None else "-", str(r["attempts"]),
+            f"{r['elapsed_s']:.0f}s", f"${r['cost_usd']:.4f}",
+        )
+    return table
+
+
+@app.command()
+def status(
+    job: Annotated[str | None, typer.Argument(help="Job id (or a unique prefix). Omit for all jobs.")] = None,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Live view until the job ends.")] = False,
+    limit: Annotated[int, typer.Option(help="Jobs to list (newest first).")] = 50,
+    json_out: JsonOpt = False,
+) -> None:
+    """Jobs and their progress: state, step/total, loss, attempts, elapsed, cost."""
+    config = _config()
+    with _store(config) as store:
+        if job is None:
+            rows = [job_summary(store, j) for j in store.list_jobs(limit=limit)]
+            if json_out:
+                _emit_json(rows)
+            elif rows:
+                console.print(_status_table(rows))
+            else:
+                console.print("no jobs yet: tunefleet submit JOB.yaml")
+            return
+        job_id = _job_id(store, job)
+        if json_out:
+            _emit_json(job_summary(store, store.get_job(job_id)))
+            return
+        if not watch:
+            summary = job_summary(store, store.get_job(job_id))
+            console.print(_status_table([summary]))
+            _print_detail(summary)
+            return
+        _watch(store, job_id)
+
+
+def _print_detail(s: dict[str, Any]) -> None:
+    if s["checkpoint"]:
+        console.print(f"checkpoint: step {s['checkpoint_step']} at {s['checkpoint']}")
+    if s["adapter_uri"]:
+        console.print(f"adapter:    {s['adapter_uri']}")
+    if s["reason"] and s["state"] != "succeeded":
+        console.print(f"reason:     {s['reason']}")
+
+
+def _watch(store, job_id: str) -> None:
+    from rich.live import Live
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), console=console,
+    )
+    task = progress.add_task(job_id, total=None, info="")
+    with Live(progress, console=console, refresh_per_second=4):
+        while True:
+            s = job_summary(store, store.get_job(job_id))
+            loss = f"loss {s['loss']:.4f}" if s["loss"] is not None else ""
+            progress.update(
+                task, completed=s["step"], total=s["total_steps"],
+                description=f"{job_id} [{s['state']}]",
+                info=f"{loss} att {s['attempts']} ${s['cost_usd']:.4f}",
+            )
+            if JobState(s["state"]).terminal:
+                break
+            time.sleep(1.0)
+    _print_detail(s)
+
+
+# ---------------------------------------------------------------- events / logs
+@app.command()
+def events(job: str, json_out: JsonOpt = False) -> None:
+    """The job's timeline: every transition, with its reason and figures."""
+    config = _config()
+    with _store(config) as store:
+        job_id = _job_id(store, job)
+        rows = store.events(job_id)
+    if json_out:
+        _emit_json([
+            {"id": e.id, "ts": e.ts, "kind": e.kind, "attempt_id": e.attempt_id, "message": e.message, "data": e.data}
+            for e in rows
+        ])
+        return
+    table = Table(box=None, header_style="bold")
+    for col in ("TIME", "ATTEMPT", "EVENT", "MESSAGE"):
+        table.add_column(col, overflow="fold")
+    for e in rows:
+        table.add_row(time.strftime("%H:%M:%S", time.localtime(e.ts)), e.attempt_id or "", e.kind, e.message)
+    console.print(table)
+
+
+@app.command()
+def logs(
+    job: str,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
+    attempt: Annotated[int | None, typer.Option(help="Attempt number (default: every attempt in order).")] = None,
+) -> None:
+    """The training payload's output, one log file per attempt."""
+    config = _config()
+    with _store(config) as store:
+        job_id = _job_id(store, job)
+        attempts = [a for a in store.attempts_for(job_id) if attempt is None or a.seq == attempt]
+        if not attempts:
+            raise CliError(f"job {job_id} has no attempt{f' {attempt}' if attempt else ''} yet")
+        for a in attempts[:-1] if follow else attempts:
+            _print_log(a)
+        if not follow:
+            return
+        last = attempts[-1]
+        path = Path(last.log_path or config.attempt_log(last.id))
+        offset = 0
+        while True:
+            if path.is_file():
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                    offset += len(chunk)
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+            j = store.get_job(job_id)
+            latest = store.latest_attempt(job_id)
+            if j.terminal and not chunk_pending(path, offset):
+                return
+            if latest is not None and latest.id != last.id:  # a new attempt started: follow it
+                last, offset = latest, 0
+                path = Path(last.log_path or config.attempt_log(last.id))
+                console.print(f"[bold]--- attempt {last.seq} ({last.provider}) ---[/]")
+            time.sleep(0.5)
+
+
+def chunk_pending(path: Path, offset: int) -> bool:
+    return path.is_file() and path.stat().st_size > offset
+
+
+def _print_log(a) -> None:
+    console.print(f"[bold]--- attempt {a.seq} ({a.provider}, {a.state.value}) ---[/]")
+    path = Path(a.log_path) if a.log_path else None
+    if path is None or not path.is_file():
+        console.print(f"(no log file on this machine for attempt {a.id})")
+        return
+    sys.stdout.write(path.read_text(errors="replace"))
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------- cancel / preempt
+@app.command()
+def cancel(job: str, json_out: JsonOpt = False) -> None:
+    """Cancel a job: at once if queued; a running attempt is stopped by the daemon."""
+    from orchestrator.store import InvalidTransition
+
+    config = _config()
+    with _store(config) as store:
+        job_id = _job_id(store, job)
+        try:
+            row = store.request_cancel(job_id)
+        except InvalidTransition as exc:
+            raise CliError(str(exc)) from None
+    msg = "cancelled" if row.state is JobState.CANCELLED else "cancel requested; the daemon stops the running attempt"
+    if json_out:
+        _emit_json({"id": job_id, "state": row.state.value, "cancel_requested": row.cancel_requested})
+    else:
+        console.print(f"{job_id}: {msg}")
+
+
+@app.command()
+def preempt(
+    job: str,
+    hard: Annotated[bool, typer.Option("--hard", help="SIGKILL (no warning) instead of SIGTERM with grace.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Interrupt a running attempt as a spot reclaim would (drills, demos, tests)."""
+    from orchestrator.store import InvalidTransition
+
+    config = _config()
+    with _store(config) as store:
+        job_id = _job_id(store, job)
+        try:
+            att = store.request_preempt(job_id, hard=hard)
+        except InvalidTransition as exc:
+            raise CliError(str(exc)) from None
+    if json_out:
+        _emit_json({"id": job_id, "attempt_id": att.id, "mode": "hard" if hard else "soft"})
+    else:
+        console.print(f"{job_id}: {'SIGKILL' if hard else 'SIGTERM'} requested for attempt {att.seq}; the daemon delivers it")
+
+
+# ---------------------------------------------------------------- daemon / demo
+@app.command()
+def daemon(
+    until_idle: Annotated[bool, typer.Option("--until-idle", help="Exit when nothing is queued or running.")] = False,
+    max_seconds: Annotated[float | None, typer.Option(help="Exit after this long at most.")] = None,
+) -> None:
+    """Run the queue: place, launch, watch, resume after preemption."""
+    import signal
+
+    from infra.logging import configure_logging
+    from orchestrator.daemon import Daemon, DaemonLock, DaemonLocked, build_providers
+
+    config = _config()
+    lock = DaemonLock(config.home)
+    try:
+        lock.acquire()
+    except DaemonLocked as exc:
+        raise CliError(str(exc)) from None
+    configure_logging(config.logs_dir / "daemon.log", console=True)
+    providers = build_providers(config)
+    with _store(config) as store:
+        d = Daemon(store, config, providers)
+        signal.signal(signal.SIGTERM, lambda *_: d.stop.set())
+        signal.signal(signal.SIGINT, lambda *_: d.stop.set())
+        try:
+            d.run(until_idle=until_idle, max_seconds=max_seconds)
+        finally:
+            for p in providers.values():
+                p.close()
+            lock.release()
+
+
+@app.command()
+def demo(
+    hard: Annotated[bool, typer.Option("--hard", help="Interrupt with SIGKILL instead of SIGTERM.")] = False,
+    job_file: Annotated[Path | None, typer.Option(help="Job to run (default: the shipped QLoRA example).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Submit the example QLoRA job, preempt it mid-run, let the daemon resume it, and summarize."""
+    from orchestrator.demo import run_demo
+
+    config = _config()
+    summary = run_demo(config, job_file=job_file, hard=hard, quiet=json_out, console=console)
+    if json_out:
+        _emit_json(summary)
+    if summary["state"] != "succeeded":
+        raise CliError(f"demo job ended {summary['state']}: {summary.get('reason')}")
+
+
+def main() -> None:
+    try:
+        app()
+    except CliError as exc:
+        from rich.markup import escape
+
+        err.print(f"[red]error[/]: {escape(str(exc))}", highlight=False)
+        sys.exit(exc.code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+"""The queue daemon: the only stateful loop. Reconcile running attempts, then place queued jobs.
+
+Why it is shaped this way:
+- Every decision is written to the store *before* it is acted on (an attempt row before the
+  launch), and every transition appends an event, so a daemon killed at any point can be
+  restarted and finish the story: attempts are named after their ids, so it finds them again.
+- It learns how an attempt is doing only from the provider (is it alive? exit code?) and from
+  the checkpoint store (``progress.json``, committed checkpoints, the final adapter), so local
+  and remote attempts look the same to it.
+- Exit codes: 0 = done (only if the final adapter is committed), 75 = preempted after saving,
+  killed by a signal or capacity lost = preempted (resume from the newest committed checkpoint),
+  2 = bad input (no retry), anything else = failure (bounded retries).
+- One daemon per home: an exclusive lock file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from infra.config import Config
+from infra.logging import get_logger
+from infra.storage import CheckpointStore, StorageError, open_store
+from orchestrator.scheduler import rank
+from orchestrator.states import AttemptState, JobState
+from orchestrator.store import AttemptRow, InvalidTransition, JobRow, Store
+from providers.base import LaunchRequest, Provider, ProviderError, RunState
+
+EXIT_PREEMPTED = 75  # mirrors jobs.train.EXIT_PREEMPTED (the payload's side of the contract)
+EXIT_BAD_INPUT = 2
+_SIGNAL_EXITS = {-signal.SIGKILL: "SIGKILL", -signal.SIGTERM: "SIGTERM", 137: "SIGKILL", 143: "SIGTERM"}
+
+
+class DaemonLocked(RuntimeError):
+    """Another daemon already runs on this state store."""
+
+
+class DaemonLock:
+    """An exclusive ``flock`` on ``<home>/daemon.lock``; released by the kernel if we die."""
+
+    def __init__(self, home: Path):
+        self.path = home / "daemon.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise DaemonLocked(
+                f"a tunefleet daemon is already running on {self.path.parent} (pid {holder}); "
+                "stop it first, or point TUNEFLEET_HOME at another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+@dataclass
+class _Outcome:
+    state: AttemptState
+    reason: str
+
+
+def classify_exit(code: int | None) -> _Outcome:
+    """Map a payload exit code to what it means for the attempt (one total function)."""
+    if code == 0:
+        return _Outcome(AttemptState.SUCCEEDED, "payload finished")
+    if code == EXIT_PREEMPTED:
+        return _Outcome(AttemptState.PREEMPTED, "payload saved a checkpoint and exited after SIGTERM")
+    if code in _SIGNAL_EXITS:
+        return _Outcome(AttemptState.PREEMPTED, f"payload killed by {_SIGNAL_EXITS[code]}")
+    if code == EXIT_BAD_INPUT:
+        return _Outcome(AttemptState.FAILED, "payload rejected its input (exit 2)")
+    return _Outcome(AttemptState.FAILED, f"payload failed with exit code {code}")
+
+
+def _log_tail(path: str | None, lines: int = 12) -> str:
+    if not path or not os.path.isfile(path):
+        return ""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 8192))
+        text = f.read().decode(errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Daemon:
+    """Runs the queue. ``tick()`` is one full pass; ``run()`` loops it until told to stop."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        providers: dict[str, Provider],
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.providers = providers
+        self.clock = clock
+        self.log = get_logger(component="daemon")
+        self._stores: dict[str, CheckpointStore] = {}
+        self._waiting: dict[str, str] = {}  # job id -> reason it is waiting (event written once)
+        self._avoid: dict[tuple[str, str], float] = {}  # (provider, offer) -> until
+        self.stop = threading.Event()
+
+    # ---- helpers ----
+    def _ckpt_store(self, job: JobRow) -> CheckpointStore:
+        uri = (job.spec.get("checkpoint") or {}).get("store") or self.config.default_store
+        if uri not in self._stores:
+            self._stores[uri] = open_store(uri)
+        return self._stores[uri]
+
+    def _handle(self, att: AttemptRow) -> dict[str, Any] | None:
+        prov = self.providers.get(att.provider)
+        if att.handle:
+            return att.handle
+        return prov.handle_for(att.id) if prov else None
+
+    def _progress(self, job: JobRow, att: AttemptRow) -> dict[str, Any] | None:
+        try:
+            doc = self._ckpt_store(job).read_json(job.id, "progress.json")
+        except StorageError:
+            return None
+        return doc if doc and doc.get("attempt_id") == att.id else None
+
+    # ---- the loop ----
+    def run(self, *, until_idle: bool = False, max_seconds: float | None = None) -> None:
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        self.log.info("daemon started", providers=sorted(self.providers), until_idle=until_idle)
+        while not self.stop.is_set():
+            self.tick()
+            if until_idle and self.idle():
+                self.log.info("nothing queued or running; exiting (--until-idle)")
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                self.log.warning("max run time reached; exiting", max_seconds=max_seconds)
+                break
+            self.stop.wait(self.config.poll_interval_s)
+        self.log.info("daemon stopped; running attempts are left running and adopted on restart")
+
+    def idle(self) -> bool:
+        if self.store.live_attempts():
+            return False
+        queued = self.store.list_jobs([JobState.QUEUED])
+        return all(j.id in self._waiting for j in queued)
+
+    def tick(self) -> None:
+        for att in self.store.live_attempts():
+            try:
+                self._reconcile(att)
+            except Exception as exc:  # one bad attempt must not stop the daemon
+                self.log.exception("reconcile failed", job_id=att.job_id, attempt_id=att.id, error=str(exc))
+        self._place()
+
+    # ---- reconcile one live attempt ----
+    def _reconcile(self, att: AttemptRow) -> None:
+        log = self.log.bind(job_id=att.job_id, attempt_id=att.id)
+        job = self.store.get_job(att.job_id)
+        prov = self.providers.get(att.provider)
+        handle = self._handle(att)
+        if prov is None or handle is None:
+            why = (f"provider {att.provider} is not configured in this daemon" if prov is None
+                   else "the launch was never recorded and the provider cannot find it")
+            self._end(att, job, _Outcome(AttemptState.FAILED, why), None, log)
+            return
+        if job.cancel_requested:
+            prov.cancel(handle, grace_s=self.config.stop_grace_s)
+            self._end(att, job, _Outcome(AttemptState.CANCELLED, "cancelled by the user"), None, log)
+            return
+        if att.preempt_request:
+            hard = att.preempt_request == "hard"
+            delivered = prov.signal(handle, hard=hard)
+            self.store.clear_preempt_request(att.id)
+            self.store.add_event(
+                job.id, "preempt_delivered" if delivered else "preempt_not_delivered",
+                f"{'SIGKILL' if hard else 'SIGTERM'} {'sent to' if delivered else 'could not reach'} the payload",
+                attempt_id=att.id, data={"hard": hard},
+            )
+            log.info("preempt drill", hard=hard, delivered=delivered)
+
+        status = prov.poll(handle)
+        progress = self._progress(job, att)
+        if progress:
+            self.store.update_progress(
+                job.id,
+                step=int(progress.get("step") or 0),
+                total_steps=progress.get("total_steps"),
+                loss=progress.get("loss"),
+                checkpoint_step=progress.get("checkpoint_step"),
+                checkpoint_uri=progress.get("checkpoint_uri"),
+            )
+        if status.state in (RunState.RUNNING, RunState.PENDING) and att.state is AttemptState.LAUNCHING:
+            if status.state is RunState.RUNNING:
+                self.store.transition_attempt(
+                    att.id, AttemptState.RUNNING, kind="attempt_running",
+                    message=f"running on {att.provider} ({status.detail})",
+                    expect=[AttemptState.LAUNCHING],
+                )
+                self.store.transition_job(
+                    job.id, JobState.RUNNING, kind="running", message=f"attempt {att.seq} running",
+                    expect=[JobState.LAUNCHING],
+                )
+                log.info("attempt running", detail=status.detail)
+            return
+        if status.state is RunState.EXITED:
+            self._end(att, job, classify_exit(status.exit_code), status.exit_code, log, progress)
+        elif status.state is RunState.LOST:
+            self._end(att, job, _Outcome(AttemptState.PREEMPTED, status.detail or "capacity lost"), None, log, progress)
+
+    def _end(
+        self, att: AttemptRow, job: JobRow, outcome: _Outcome, exit_code: int | None, log, progress=None
+    ) -> None:
+        now = self.clock()
+        ckpt_store = self._ckpt_store(job)
+        latest = ckpt_store.latest_checkpoint(job.id)
+        final = ckpt_store.final(job.id) if outcome.state is AttemptState.SUCCEEDED else None
+        if outcome.state is AttemptState.SUCCEEDED and final is None:
+            outcome = _Outcome(AttemptState.FAILED, "payload exited 0 but no final adapter was committed")
+        end_step = int((progress or {}).get("step") or (latest.step if latest else att.start_step))
+        if att.usd_per_hour > 0:
+            held_h = max(0.0, now - (att.started_at or att.created_at)) / 3600
+            self.store.add_spend(job.id, att.id, provider=att.provider, usd=att.usd_per_hour * held_h)
+        reason = outcome.reason
+        if outcome.state is AttemptState.FAILED and (tail := _log_tail(att.log_path)):
+            reason = f"{reason}\n--- last lines of {att.log_path} ---\n{tail}"
+        self.store.transition_attempt(
+            att.id, outcome.state, kind=f"attempt_{outcome.state.value}",
+            message=outcome.reason,
+            data={"exit_code": exit_code, "end_step": end_step,
+                  "checkpoint_step": latest.step if latest else None},
+            exit_code=exit_code, end_reason=reason, end_step=end_step,
+        )
+        prov = self.providers.get(att.provider)
+        handle = self._handle(att)
+        if prov is not None and handle is not None:
+            prov.release(handle)
+        log.info("attempt ended", state=outcome.state.value, reason=outcome.reason, exit_code=exit_code, end_step=end_step)
+
+        job = self.store.get_job(job.id)  # a cancel may have been requested meanwhile
+        if job.cancel_requested and outcome.state is not AttemptState.SUCCEEDED:
+            outcome = _Outcome(AttemptState.CANCELLED, "cancelled by the user")
+        if outcome.state is AttemptState.SUCCEEDED:
+            meta = final.meta if final else {}
+            self.store.transition_job(
+                job.id, JobState.SUCCEEDED, kind="succeeded",
+                message=f"finished at step {final.step}; adapter at {final.uri}",
+                data={"step": final.step, "adapter_uri": final.uri, "final_loss": meta.get("final_loss")},
+                adapter_uri=final.uri, step=final.step,
+                loss=meta.get("final_loss"), reason=None,
+            )
+        elif outcome.state is AttemptState.CANCELLED:
+            self.store.transition_job(job.id, JobState.CANCELLED, kind="cancelled", message="cancelled by the user")
+        elif outcome.state is AttemptState.PREEMPTED:
+            self._requeue_after_preemption(att, job, outcome, latest, end_step)
+        else:
+            self._retry_or_fail(att, job, reason, exit_code)
+
+    def _requeue_after_preemption(self, att, job, outcome, latest, end_step) -> None:
+        preemptions = sum(1 for a in self.store.attempts_for(job.id) if a.state is AttemptState.PREEMPTED)
+        resume = latest.step if latest else 0
+        self.store.transition_job(
+            job.id, JobState.PREEMPTED, kind="preempted",
+            message=f"attempt {att.seq} preempted at step {end_step}: {outcome.reason}",
+            data={"attempt": att.seq, "end_step": end_step, "checkpoint_step": resume},
+            reason=outcome.reason,
+        )
+        self._avoid[(att.provider, att.offer_id)] = self.clock() + 60
+        if preemptions > self.config.max_preemptions:
+            self.store.transition_job(
+                job.id, JobState.FAILED, kind="failed",
+                message=f"preempted {preemptions} times (max_preemptions {self.config.max_preemptions})",
+                reason="too many preemptions",
+            )
+            return
+        backoff = min(60.0, 2.0 ** min(preemptions - 1, 6)) if preemptions > 1 else 0.0
+        self.store.transition_job(
+            job.id, JobState.QUEUED, kind="requeued",
+            message=f"will resume from committed checkpoint at step {resume}" if resume
+            else "no committed checkpoint yet; will start from step 0",
+            data={"resume_from_step": resume, "backoff_s": backoff},
+            not_before=self.clock() + backoff,
+        )
+
+    def _retry_or_fail(self, att, job, reason: str, exit_code: int | None) -> None:
+        failures = sum(1 for a in self.store.attempts_for(job.id) if a.state is AttemptState.FAILED)
+        if exit_code == EXIT_BAD_INPUT or failures >= self.config.max_failures:
+            why = "bad input" if exit_code == EXIT_BAD_INPUT else f"{failures} failed attempts"
+            self.store.transition_job(
+                job.id, JobState.FAILED, kind="failed", message=f"{why}: {reason}", reason=reason,
+            )
+            return
+        self._avoid[(att.provider, att.offer_id)] = self.clock() + 60
+        self.store.transition_job(
+            job.id, JobState.QUEUED, kind="requeued",
+            message=f"attempt {att.seq} failed; retrying ({failures}/{self.config.max_failures})",
+            data={"backoff_s": 5.0}, not_before=self.clock() + 5.0,
+        )
+
+    # ---- queued jobs (a queued job's cancel is finished by Store.request_cancel itself) ----
+    def _place(self) -> None:
+        now = self.clock()
+        self._avoid = {k: t for k, t in self._avoid.items() if t > now}
+        for job in self.store.next_queued(now, limit=50):
+            log = self.log.bind(job_id=job.id)
+            allowed = (job.spec.get("policy") or {}).get("providers")
+            offers = []
+            problems = []
+            for name, prov in sorted(self.providers.items()):
+                if allowed and name not in allowed:
+                    continue
+                try:
+                    offers += prov.offers(job.spec)
+                except ProviderError as exc:
+                    problems.append(f"{name}: {exc}")
+            placements = rank(job.spec, offers, avoid=self._avoid)
+            viable = [p for p in placements if p.viable]
+            if not viable:
+                reasons = [f"{p.offer.provider}/{p.offer.offer_id}: {p.reason}" for p in placements] + problems
+                why = "no viable offer: " + ("; ".join(reasons) if reasons else "no provider offered capacity")
+                if self._waiting.get(job.id) != why:
+                    self._waiting[job.id] = why
+                    self.store.add_event(job.id, "waiting", why)
+                    log.warning("job waiting", reason=why)
+                continue
+            self._waiting.pop(job.id, None)
+            self._launch(job, viable[0].offer, viable[0].reason, log)
+
+    def _launch(self, job: JobRow, offer, why: str, log) -> None:
+        latest = self._ckpt_store(job).latest_checkpoint(job.id)
+        try:
+            att = self.store.create_attempt(
+                job.id, provider=offer.provider, offer_id=offer.offer_id,
+                usd_per_hour=offer.usd_per_hour, start_step=latest.step if latest else 0,
+                data={"offer": offer.to_dict(), "why": why},
+            )
+        except InvalidTransition:
+            return  # cancelled or moved by someone else meanwhile
+        log = log.bind(attempt_id=att.id)
+        log_path = str(self.config.attempt_log(att.id))
+        resources = job.spec.get("resources") or {}
+        request = LaunchRequest(
+            job_id=job.id,
+            attempt_id=att.id,
+            spec=job.spec,
+            store_uri=self._ckpt_store(job).uri,
+            gpus=offer.gpu_count,
+            cpus=int(resources.get("cpus", 1)),
+            log_path=log_path,
+            env={"TUNEFLEET_MODEL_CACHE": str(self.config.home / "models")},
+        )
+        prov = self.providers[offer.provider]
+        try:
+            handle = prov.launch(request, offer)
+        except ProviderError as exc:
+            self.store.transition_attempt(
+                att.id, AttemptState.FAILED, kind="launch_failed", message=str(exc), end_reason=str(exc)
+            )
+            self._avoid[(offer.provider, offer.offer_id)] = self.clock() + 60
+            self.store.transition_job(
+                job.id, JobState.QUEUED, kind="requeued", message=f"launch failed: {exc}",
+                not_before=self.clock() + 5.0,
+            )
+            log.warning("launch failed", error=str(exc))
+            return
+        self.store.transition_attempt(
+            att.id, AttemptState.LAUNCHING, kind="launched",
+            message=f"launched on {offer.provider} ({offer.offer_id}), resuming from step {att.start_step}",
+            data={"handle": handle}, handle=handle, log_path=log_path,
+        )
+        log.info("attempt launched", provider=offer.provider, offer=offer.offer_id, start_step=att.start_step)
+
+
+def build_providers(config: Config) -> dict[str, Provider]:
+    """The providers this daemon places on. For now: the local Ray cluster."""
+    from providers.local import LocalRayProvider
+
+    return {
+        "local": LocalRayProvider(
+            address=config.ray_address, num_cpus=config.ray_num_cpus, num_gpus=config.ray_num_gpus
+        )
+    }
