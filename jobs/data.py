@@ -105,16 +105,18 @@ def tokenize_rows(rows: list[dict[str, Any]], kind: str, tokenizer, max_len: int
     return out
 
 
-def load_examples(datasets: list[dict[str, Any]], tokenizer, max_len: int) -> list[Example]:
+def load_examples(datasets: list[dict[str, Any]], tokenizer, max_len: int) -> tuple[list[Example], int]:
+    """All examples with at least one trained token, and how many were dropped for having none
+    (their response was cut off by ``sequence_len``)."""
     examples: list[Example] = []
     for ds in datasets:
         path = Path(ds["path"])
         rows = read_jsonl(path)
         examples += tokenize_rows(rows, ds.get("type", "completion"), tokenizer, max_len, ds.get("field"), str(path))
-    examples = [e for e in examples if e.trained_tokens > 0]
-    if not examples:
+    kept = [e for e in examples if e.trained_tokens > 0]
+    if not kept:
         raise DatasetError("no example has any token to train on (is sequence_len too short?)")
-    return examples
+    return kept, len(examples) - len(kept)
 
 
 def split(examples: list[Example], val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

@@ -268,7 +268,10 @@ def train(ns: argparse.Namespace) -> int:
     if device == "cpu":
         torch.set_num_threads(max(1, spec.resources.cpus))
     model, tokenizer, use_bf16 = load_model_and_tokenizer(spec, device)
-    examples = data_mod.load_examples([d.model_dump() for d in spec.datasets], tokenizer, spec.sequence_len)
+    examples, dropped = data_mod.load_examples([d.model_dump() for d in spec.datasets], tokenizer, spec.sequence_len)
+    if dropped:
+        print(f"[tunefleet] warning: dropped {dropped} examples whose response does not fit in "
+              f"sequence_len {spec.sequence_len}", file=sys.stderr, flush=True)
     train_ex, val_ex = data_mod.split(examples, spec.val_set_size, spec.seed)
 
     def to_ds(exs):

@@ -129,3 +129,33 @@ def _attempts(home: Path, job_id: str) -> list[dict]:
             {"exit_code": a.exit_code, "start_step": a.start_step, "end_step": a.end_step, "state": a.state.value}
             for a in store.attempts_for(job_id)
         ]
+
+
+def test_cancel_stops_a_running_attempt(tmp_path, model_cache):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.yaml").write_text("poll_interval_s: 0.5\nstop_grace_s: 30\n")
+    doc = yaml.safe_load(_job_file(tmp_path).read_text())
+    doc["max_steps"] = 5000  # far longer than the test waits
+    (tmp_path / "long.yaml").write_text(yaml.safe_dump(doc))
+    job_id = json.loads(tf(home, "submit", str(tmp_path / "long.yaml"), "--json", check=True).stdout)["id"]
+    env = {**os.environ, "TUNEFLEET_HOME": str(home), "TUNEFLEET_MODEL_CACHE": str(model_cache)}
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "daemon", "--until-idle", "--max-seconds", "300"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while json.loads(tf(home, "status", job_id, "--json", check=True).stdout)["step"] < 5:
+            assert time.monotonic() < deadline and daemon.poll() is None
+            time.sleep(0.5)
+        assert "cancel requested" in tf(home, "cancel", job_id, check=True).stdout
+        assert daemon.wait(timeout=120) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    status = json.loads(tf(home, "status", job_id, "--json", check=True).stdout)
+    assert status["state"] == "cancelled"
+    assert _attempts(home, job_id)[0]["state"] == "cancelled"
+    kinds = [e["kind"] for e in json.loads(tf(home, "events", job_id, "--json", check=True).stdout)]
+    assert _is_subsequence(["running", "cancel_requested", "attempt_cancelled", "cancelled"], kinds), kinds

@@ -66,9 +66,9 @@ def test_qlora_example_loads_with_expected_values() -> None:
     assert spec.adapter == "qlora" and spec.load_in_4bit and not spec.load_in_8bit
     assert (spec.lora_r, spec.lora_alpha, spec.lora_dropout) == (8, 16, 0.05)
     assert spec.lora_target_linear and spec.lora_target_modules is None
-    assert spec.max_steps == 60 and spec.learning_rate == pytest.approx(2e-3)
-    assert spec.seed == 7 and spec.micro_batch_size == 4 and spec.sequence_len == 64
-    assert spec.save_every == 10
+    assert spec.max_steps == 400 and spec.learning_rate == pytest.approx(1e-2)
+    assert spec.seed == 7 and spec.micro_batch_size == 4 and spec.sequence_len == 128
+    assert spec.save_every == 50
     (dataset,) = spec.datasets
     assert dataset.type == "alpaca"
     assert os.path.isabs(dataset.path) and Path(dataset.path).is_file()
