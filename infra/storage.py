@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 MANIFEST = "MANIFEST.json"
 MANIFEST_FORMAT = 1
@@ -348,7 +348,8 @@ def open_store(uri: str) -> CheckpointStore:
     """The store for a URI: ``file:///abs/path`` (or a plain path) or ``s3://bucket/prefix``."""
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
-        path = parsed.path if parsed.scheme == "file" else uri
+        # a file URI is percent-encoded (Path.as_uri() writes a space as %20): decode it
+        path = unquote(parsed.path) if parsed.scheme == "file" else uri
         if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
             raise StorageError(f"{uri}: a file:// URI needs an absolute path (file:///path)")
         return LocalFolderStore(path)
