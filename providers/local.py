@@ -196,7 +196,7 @@ class LocalRayProvider(Provider):
     def launch(self, request: LaunchRequest, offer: Offer) -> dict[str, Any]:
         import json
 
-        ray = self._connect()
+        self._connect()
         runner = _runner_class()
         argv = [
             self.python, "-m", "jobs.train",
@@ -217,7 +217,6 @@ class LocalRayProvider(Provider):
             actor.start.remote(argv, env, request.log_path)
         except Exception as exc:
             raise LaunchFailed(f"Ray could not create the attempt actor: {exc}") from exc
-        _ = ray
         return {"actor": request.attempt_id, "namespace": NAMESPACE}
 
     def handle_for(self, attempt_id: str) -> dict[str, Any] | None:
