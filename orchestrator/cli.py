@@ -28,7 +28,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -107,17 +107,27 @@ def submit(
 
 # ---------------------------------------------------------------- status
 def _status_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(box=None, header_style="bold")
-    for col in ("ID", "NAME", "STATE", "PROVIDER", "STEP", "LOSS", "ATT", "ELAPSED", "COST"):
-        table.add_column(col, justify="right" if col in ("STEP", "LOSS", "ATT", "ELAPSED", "COST") else "left")
     colors = {"succeeded": "green", "failed": "red", "running": "cyan", "preempted": "yellow", "cancelled": "dim"}
+    cells = []
     for r in rows:
         step = f"{r['step']}/{r['total_steps']}" if r["total_steps"] else str(r["step"])
-        table.add_row(
-            r["id"], r["name"], f"[{colors.get(r['state'], 'white')}]{r['state']}[/]", r["provider"] or "-",
-            step, f"{r['loss']:.4f}" if r["loss"] is not None else "-", str(r["attempts"]),
+        cells.append([
+            r["id"], r["name"], r["state"], r["provider"] or "-", step,
+            f"{r['loss']:.4f}" if r["loss"] is not None else "-", str(r["attempts"]),
             f"{r['elapsed_s']:.0f}s", f"${r['cost_usd']:.4f}",
+        ])
+    headers = ("ID", "NAME", "STATE", "PROVIDER", "STEP", "LOSS", "ATT", "ELAPSED", "COST")
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for i, col in enumerate(headers):
+        width = max([len(col)] + [len(c[i]) for c in cells])
+        # every column keeps its full width; only the name is shortened on a narrow terminal
+        table.add_column(
+            col, justify="right" if i >= 4 else "left", no_wrap=True,
+            overflow="ellipsis", min_width=None if col == "NAME" else width,
         )
+    for c, r in zip(cells, rows, strict=True):
+        c[2] = f"[{colors.get(r['state'], 'white')}]{c[2]}[/]"
+        table.add_row(*c)
     return table
 
 
@@ -136,7 +146,7 @@ def status(
             if json_out:
                 _emit_json(rows)
             elif rows:
-                console.print(_status_table(rows))
+                console.print(_status_table(rows), crop=False)
             else:
                 console.print("no jobs yet: tunefleet submit JOB.yaml")
             return
@@ -146,7 +156,7 @@ def status(
             return
         if not watch:
             summary = job_summary(store, store.get_job(job_id))
-            console.print(_status_table([summary]))
+            console.print(_status_table([summary]), crop=False)
             _print_detail(summary)
             return
         _watch(store, job_id)
@@ -225,6 +235,7 @@ def logs(
         if not follow:
             return
         last = attempts[-1]
+        console.print(f"[bold]--- attempt {last.seq} ({last.provider}) ---[/]")
         path = Path(last.log_path or config.attempt_log(last.id))
         offset = 0
         while True:
