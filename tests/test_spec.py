@@ -364,7 +364,9 @@ def test_cross_field_rules(job_dir: Path, extra: str, locs: set[str]) -> None:
     ],
 )
 def test_allowed_combinations(job_dir: Path, extra: str) -> None:
-    load_job_text(MINIMAL + extra, base_dir=job_dir)
+    spec = load_job_text(MINIMAL + extra, base_dir=job_dir)  # raises JobFileError if refused
+    assert isinstance(spec, JobSpec) and spec.base_model == "tunefleet/tiny-llama"
+    assert Path(spec.datasets[0].path) == job_dir / "data" / "train.jsonl"
 
 
 def test_save_steps_and_interval_conflict(job_dir: Path) -> None:
