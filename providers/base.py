@@ -20,7 +20,10 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from jobs.estimate import Estimate
 
 
 class PriceSource(StrEnum):
@@ -46,8 +49,15 @@ class Offer:
     on_premises: bool = False  # data never leaves
     startup_s: float = 0.0
     price_source: PriceSource = PriceSource.COST_MODEL
-    price_date: str | None = None
-    extra: tuple[tuple[str, Any], ...] = ()
+    price_date: str | None = None  # for snapshot/catalog prices: when they were published
+    # Managed fine-tuning APIs price the whole job (per token), not the hour: then usd_total is the
+    # price of the job and hours the provider's own duration estimate; usd_per_hour is derived.
+    usd_total: float | None = None
+    hours: float | None = None
+    extra: tuple[tuple[str, Any], ...] = ()  # provider detail (inet speed, datacenter, ...)
+
+    def detail(self, key: str, default: Any = None) -> Any:
+        return dict(self.extra).get(key, default)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +74,9 @@ class Offer:
             "startup_s": self.startup_s,
             "price_source": str(self.price_source),
             "price_date": self.price_date,
+            "usd_total": self.usd_total,
+            "hours": self.hours,
+            "extra": dict(self.extra),
         }
 
 
@@ -124,17 +137,24 @@ class TransientError(ProviderError):
 
 
 class Provider(abc.ABC):
-    """A source of capacity. Subclasses implement the five abstract methods and nothing else."""
+    """A source of capacity. Subclasses implement the five abstract methods and nothing else.
+
+    ``launchable`` says whether the daemon may place attempts here yet; a provider that only
+    quotes prices (its launch path not built) still answers ``offers`` for ``tunefleet offers``.
+    """
 
     name: str
+    launchable: bool = True
 
     @abc.abstractmethod
     def check(self) -> tuple[bool, str]:
         """(enabled, reason). Never raises."""
 
     @abc.abstractmethod
-    def offers(self, spec: dict[str, Any]) -> list[Offer]:
-        """Offers that could run this job (the provider may pre-filter obvious misfits)."""
+    def offers(self, spec: dict[str, Any], estimate: Estimate) -> list[Offer]:
+        """Offers that could run this job. The provider may pre-filter obvious misfits (too
+        little VRAM) but must not apply the job's policy: the scheduler does, with reasons.
+        Raises ProviderUnavailable / TransientError only."""
 
     @abc.abstractmethod
     def launch(self, request: LaunchRequest, offer: Offer) -> dict[str, Any]:

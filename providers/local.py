@@ -160,7 +160,7 @@ class LocalRayProvider(Provider):
         return True, f"Ray {kind}: {int(res.get('CPU', 0))} CPUs, {int(res.get('GPU', 0))} GPUs"
 
     # ---- offers ----
-    def offers(self, spec: dict[str, Any]) -> list[Offer]:
+    def offers(self, spec: dict[str, Any], estimate: Any = None) -> list[Offer]:
         ray = self._connect()
         res = ray.cluster_resources()
         total_gpus = int(res.get("GPU", 0))

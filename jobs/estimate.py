@@ -1,0 +1,206 @@
+"""Estimates from a job spec: VRAM per GPU, tokens to process, and hours on each GPU model.
+
+Why here and not in the scheduler: the numbers depend only on the job (model size, method,
+sequence length, batch, dataset) and on published or measured throughput, never on who sells
+the GPU. The scheduler turns hours into money and risk.
+
+Sources (``../shared/reference/training.md``):
+- VRAM: QLoRA ~x/2 GB for an x-billion model in 4-bit plus overhead; 16-bit LoRA ~2 bytes/param;
+  full fine-tuning with Adam in mixed precision ~16 bytes/param; plus activations, which grow with
+  sequence length x micro batch (Korthikanti et al.: ~34·s·b·h bytes per layer in 16-bit, or
+  ~2·s·b·h with gradient checkpointing) and fp32 logits (s·b·vocab·4 bytes).
+- Throughput: Llama-2-7B 4-bit on an A100, HF + FA2, batch 4x2, len 1024: 2,415 tokens/s
+  (LLaMA-Factory). Other sizes scale ~1/params; other GPUs by ``jobs.gpus`` relative speed.
+  Measured tokens/s from earlier runs of the same base model and method override the table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs.gpus import GPUS
+
+REF_TOKENS_PER_S = {"qlora": 2400.0, "lora": 3100.0, "full": 2000.0}  # 7B on one A100, per GPU
+REF_PARAMS_B = 7.0
+MAX_TOKENS_PER_S_A100 = 400_000.0  # tiny models are bound by overheads, not FLOPs
+MULTI_GPU_EFFICIENCY = 0.9
+
+# (params_b upper bound, hidden, layers, vocab) when no config.json is at hand
+_SHAPES = [(1.5, 2048, 16, 128_000), (4.5, 3072, 28, 128_000), (9.5, 4096, 32, 128_000),
+           (16, 5120, 40, 128_000), (40, 6656, 60, 128_000), (1e9, 8192, 80, 128_000)]
+_KNOWN_SIZES = {"phi-2": 2.7, "phi-3-mini": 3.8, "gemma-2b": 2.5, "gemma-7b": 8.5, "tinyllama": 1.1}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params_b: float
+    hidden: int
+    layers: int
+    vocab: int
+    source: str  # "config.json", "model name", "built-in", "assumed"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    method: str  # qlora | lora | full
+    model: ModelShape
+    vram_gb: float  # per GPU, everything included
+    weights_gb: float
+    activations_gb: float
+    examples: int
+    tokens: int  # processed over the whole run
+    steps: int
+    tokens_per_step: float
+    tokens_per_s_a100: float  # on one A100-80GB
+    calibrated: dict[str, float] = field(default_factory=dict)  # gpu -> measured tokens/s
+
+    def tokens_per_s(self, gpu: str, count: int = 1) -> float | None:
+        if gpu in self.calibrated:
+            per_gpu = self.calibrated[gpu]
+        else:
+            info = GPUS.get(gpu)
+            if info is None:
+                return None
+            per_gpu = self.tokens_per_s_a100 * info.rel_speed
+        n = max(1, count)
+        return per_gpu * n * (MULTI_GPU_EFFICIENCY if n > 1 else 1.0)
+
+    def hours(self, gpu: str, count: int = 1) -> float | None:
+        """Hours of uninterrupted training on ``count`` GPUs of this model (None: unknown GPU)."""
+        tps = self.tokens_per_s(gpu, count)
+        if not tps:
+            return None
+        return self.tokens / tps / 3600.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "params_b": self.model.params_b,
+            "params_source": self.model.source,
+            "vram_gb": round(self.vram_gb, 2),
+            "weights_gb": round(self.weights_gb, 2),
+            "activations_gb": round(self.activations_gb, 2),
+            "examples": self.examples,
+            "tokens": self.tokens,
+            "steps": self.steps,
+            "tokens_per_s_a100": round(self.tokens_per_s_a100, 1),
+            "calibrated": self.calibrated,
+        }
+
+
+def model_shape(base_model: str) -> ModelShape:
+    """Model size and shape from a local config.json, the built-in tiny model, or the name."""
+    from jobs.spec import BUILTIN_TINY_MODEL
+
+    if base_model == BUILTIN_TINY_MODEL:
+        # 2 layers x (q,o: 64x64; k,v: 64x32; mlp: 3x64x128) + embed + lm_head (260x64 each)
+        params = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128) + 2 * 260 * 64
+        return ModelShape(params / 1e9, 64, 2, 260, "built-in")
+    cfg_path = Path(base_model).expanduser() / "config.json"
+    if cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text())
+            return _shape_from_config(cfg)
+        except (ValueError, KeyError, TypeError):
+            pass
+    name = base_model.lower().rsplit("/", 1)[-1]
+    m = re.search(r"(?<![\d.])(\d+(?:\.\d+)?)\s*b(?![a-z])", name)
+    if m:
+        return _shape_from_params(float(m.group(1)), "model name")
+    for key, size in _KNOWN_SIZES.items():
+        if key in name:
+            return _shape_from_params(size, "model name")
+    return _shape_from_params(REF_PARAMS_B, "assumed (name gives no size)")
+
+
+def _shape_from_params(params_b: float, source: str) -> ModelShape:
+    _, hidden, layers, vocab = next(s for s in _SHAPES if params_b <= s[0])
+    return ModelShape(params_b, hidden, layers, vocab, source)
+
+
+def _shape_from_config(cfg: dict[str, Any]) -> ModelShape:
+    h = int(cfg["hidden_size"])
+    layers = int(cfg["num_hidden_layers"])
+    inter = int(cfg.get("intermediate_size", 4 * h))
+    vocab = int(cfg.get("vocab_size", 32000))
+    heads = int(cfg.get("num_attention_heads", max(1, h // 128)))
+    kv = int(cfg.get("num_key_value_heads", heads))
+    head_dim = h // heads
+    per_layer = 2 * h * h + 2 * h * kv * head_dim + 3 * h * inter
+    embed = vocab * h * (1 if cfg.get("tie_word_embeddings") else 2)
+    return ModelShape((layers * per_layer + embed) / 1e9, h, layers, vocab, "config.json")
+
+
+def dataset_stats(datasets: list[dict[str, Any]], sequence_len: int, sample_packing: bool) -> tuple[int, float]:
+    """(examples, mean tokens per example). Tokens ~ chars / 4, capped at sequence_len."""
+    examples = 0
+    chars = 0
+    for ds in datasets:
+        path = Path(ds["path"])
+        if not path.is_file():
+            continue
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.strip():
+                    examples += 1
+                    chars += min(len(line), sequence_len * 4)
+    if examples == 0:
+        return 0, float(sequence_len)
+    mean = sequence_len if sample_packing else min(sequence_len, chars / examples / 4)
+    return examples, max(1.0, mean)
+
+
+def estimate(spec: Any, calibration: dict[str, float] | None = None) -> Estimate:
+    """Estimate a validated JobSpec (or its payload dict).
+
+    ``calibration`` maps GPU model -> tokens/s measured on earlier runs of the same base model and
+    method; those figures replace the published table for that GPU.
+    """
+    s = spec if isinstance(spec, dict) else spec.to_payload_dict()
+    method = s.get("adapter") or "full"
+    shape = model_shape(s["base_model"])
+    seq, mb, ga = int(s["sequence_len"]), int(s["micro_batch_size"]), int(s["gradient_accumulation_steps"])
+    n_examples, mean_tokens = dataset_stats(s["datasets"], seq, bool(s.get("sample_packing")))
+
+    # weights + optimizer state
+    p = shape.params_b
+    if method == "qlora":
+        lora_params_b = _lora_params_b(shape, int(s.get("lora_r", 8)))
+        weights = p * 0.55 + lora_params_b * 16 + 0.5
+    elif method == "lora":
+        lora_params_b = _lora_params_b(shape, int(s.get("lora_r", 8)))
+        weights = p * 2 + lora_params_b * 16 + 0.5
+    else:
+        weights = p * 16 + 0.5
+    # activations (16-bit) + fp32 logits
+    tokens_in_flight = seq * mb
+    per_layer = (2 if s.get("gradient_checkpointing") else 34) * tokens_in_flight * shape.hidden
+    activations = (per_layer * shape.layers + tokens_in_flight * shape.vocab * 4) / 1e9
+    vram = weights + activations
+
+    batch = mb * ga
+    if s.get("max_steps"):
+        steps = int(s["max_steps"])
+    else:
+        n_train = max(1, round(n_examples * (1 - float(s.get("val_set_size") or 0))))
+        steps = math.ceil(n_train / batch) * max(1, math.ceil(float(s.get("num_epochs", 1))))
+    tokens_per_step = batch * mean_tokens
+    tokens = int(steps * tokens_per_step)
+
+    tps = REF_TOKENS_PER_S[method] * REF_PARAMS_B / max(p, 1e-6)
+    tps = min(tps, MAX_TOKENS_PER_S_A100)
+    return Estimate(
+        method=method, model=shape, vram_gb=vram, weights_gb=weights, activations_gb=activations,
+        examples=n_examples, tokens=tokens, steps=steps, tokens_per_step=tokens_per_step,
+        tokens_per_s_a100=tps, calibrated=dict(calibration or {}),
+    )
+
+
+def _lora_params_b(shape: ModelShape, r: int) -> float:
+    # all-linear LoRA: ~7 matrices per layer, each r x (in + out) ~ r x 2h (MLP ones larger)
+    return shape.layers * 7 * r * (shape.hidden * 2.7) / 1e9
