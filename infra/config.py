@@ -11,6 +11,12 @@ checkpoints go by default must be the same for every command that talks to the s
     max_preemptions: 20               # per job, then it fails
     max_failures: 2                   # attempts that fail (not preempted) before the job fails
     stop_grace_s: 60                  # SIGTERM grace before SIGKILL on cancel
+    # the cost model of owned GPUs (per GPU): amortized purchase + power
+    local_gpu_purchase_usd: 2000
+    local_gpu_lifetime_hours: 26280   # 3 years
+    local_gpu_watts: 350
+    local_cpu_watts: 65               # when a job runs on the CPU
+    usd_per_kwh: 0.15
 """
 
 from __future__ import annotations
@@ -42,6 +48,12 @@ class Config:
     max_preemptions: int = 20
     max_failures: int = 2
     stop_grace_s: float = 60.0
+    local_gpu_purchase_usd: float = 2000.0
+    local_gpu_lifetime_hours: float = 26280.0
+    local_gpu_watts: float = 350.0
+    local_cpu_watts: float = 65.0
+    usd_per_kwh: float = 0.15
+    launch_timeout_s: float = 900.0
 
     @property
     def db_path(self) -> Path:

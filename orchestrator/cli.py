@@ -96,6 +96,7 @@ def submit(
 ) -> None:
     """Validate a job file and queue it. Prints the job id."""
     spec = _load(job_file)
+    _check_providers(spec)
     config = _config()
     with _store(config) as store:
         job_id = submit_spec(store, spec, config, priority)
@@ -313,6 +314,129 @@ def preempt(
         console.print(f"{job_id}: {'SIGKILL' if hard else 'SIGTERM'} requested for attempt {att.seq}; the daemon delivers it")
 
 
+# ---------------------------------------------------------------- providers / estimate / offers
+@app.command()
+def providers(json_out: JsonOpt = False) -> None:
+    """Every provider: enabled or not, why, whether the daemon can launch there, and its price source."""
+    from providers.registry import PROVIDERS, build_providers
+
+    config = _config()
+    built, broken = build_providers(config, light=True)
+    rows = []
+    for name in PROVIDERS:
+        if name in broken:
+            rows.append({"provider": name, "enabled": False, "launchable": False, "reason": broken[name]})
+            continue
+        prov = built[name]
+        try:
+            enabled, reason = prov.check()
+        except Exception as exc:  # check() must not raise; if it does, report it
+            enabled, reason = False, f"check failed: {exc}"
+        rows.append({"provider": name, "enabled": enabled, "launchable": prov.launchable, "reason": reason})
+    if json_out:
+        _emit_json(rows)
+        return
+    table = Table(box=None, header_style="bold")
+    for col in ("PROVIDER", "ENABLED", "LAUNCH", "WHY / PRICE SOURCE"):
+        table.add_column(col, overflow="fold", no_wrap=col != "WHY / PRICE SOURCE")
+    for r in rows:
+        table.add_row(r["provider"], "[green]yes[/]" if r["enabled"] else "[yellow]no[/]",
+                      "yes" if r["launchable"] else "not yet", r["reason"])
+    console.print(table)
+
+
+def _spec_and_estimate(job_file: Path):
+    from jobs.estimate import estimate
+
+    spec = _load(job_file)
+    _check_providers(spec)
+    return spec, estimate(spec)
+
+
+def _check_providers(spec) -> None:
+    from providers.registry import UnknownProvider, check_names
+
+    try:
+        check_names(spec.policy.providers or ())
+    except UnknownProvider as exc:
+        raise CliError(f"policy.providers: {exc}; nothing was queued", 2) from None
+
+
+@app.command()
+def estimate(job_file: Path, json_out: JsonOpt = False) -> None:
+    """VRAM, tokens, and hours and cost on each GPU model, before anything is rented."""
+    from jobs.gpus import GPUS
+
+    spec, est = _spec_and_estimate(job_file)
+    gpus = max(1, spec.resources.gpus)
+    rows = []
+    for name, info in GPUS.items():
+        hours = est.hours(name, 0 if name == "cpu" else gpus)
+        fits = name == "cpu" or info.vram_gb >= est.vram_gb
+        rows.append({"gpu": name, "count": 0 if name == "cpu" else gpus, "vram_gb": info.vram_gb,
+                     "fits": fits, "hours": round(hours, 4) if hours is not None else None})
+    if json_out:
+        _emit_json({"estimate": est.to_dict(), "gpus": rows})
+        return
+    d = est.to_dict()
+    console.print(
+        f"[bold]{job_file}[/]: {d['method']} of {spec.base_model} ({d['params_b']:.3g} B params, from {d['params_source']})\n"
+        f"VRAM per GPU: {d['vram_gb']:.1f} GB (weights+optimizer {d['weights_gb']:.1f}, activations {d['activations_gb']:.1f})\n"
+        f"tokens: {d['tokens']:,} over {d['steps']:,} steps ({d['examples']:,} examples)"
+    )
+    table = Table(box=None, header_style="bold")
+    for col in ("GPU", "COUNT", "VRAM", "FITS", "HOURS"):
+        table.add_column(col, justify="left" if col == "GPU" else "right")
+    for r in rows:
+        table.add_row(r["gpu"], str(r["count"]), f"{r['vram_gb']:g}", "yes" if r["fits"] else "[red]no[/]",
+                      f"{r['hours']:.3f}" if r["hours"] is not None else "-")
+    console.print(table)
+
+
+@app.command()
+def offers(
+    job_file: Path,
+    show_all: Annotated[bool, typer.Option("--all", help="Also list rejected offers, with the reason.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Every provider's offers for a job, ranked by expected cost of the completed job."""
+    from orchestrator.scheduler import rank
+    from providers.registry import build_providers, gather_offers
+
+    spec, est = _spec_and_estimate(job_file)
+    config = _config()
+    doc = spec.to_payload_dict()
+    built, broken = build_providers(config, spec.policy.providers, light=True)
+    result = gather_offers(built, doc, est)
+    placements = rank(doc, est, result.offers, now=time.time())
+    problems = {**broken, **result.problems}
+    shown = [p for p in placements if show_all or p.viable]
+    if json_out:
+        _emit_json([p.to_dict() for p in shown])
+        return
+    table = Table(box=None, header_style="bold")
+    cols = ["PROVIDER", "GPU", "$/H", "EST H", "EST $", "RISK", "PRICE SOURCE"] + (["WHY NOT"] if show_all else [])
+    for col in cols:
+        table.add_column(col, justify="right" if col in ("$/H", "EST H", "EST $", "RISK") else "left",
+                         no_wrap=col != "WHY NOT", overflow="fold", min_width=30 if col == "WHY NOT" else None)
+    for p in shown:
+        o = p.offer
+        src = f"{o.price_source}" + (f" {o.price_date}" if o.price_date else "")
+        gpu = f"{o.gpu}x{o.gpu_count}" if o.gpu_count else o.gpu
+        row = [f"{o.provider}{' (spot)' if o.interruptible else ''}", gpu, f"{o.usd_per_hour:.3f}",
+               f"{p.est_hours:.2f}" if p.est_hours is not None else "-",
+               f"{p.est_usd:.2f}" if p.est_usd is not None else "-", f"{p.risk:.0%}", src]
+        if show_all:
+            row.append("" if p.viable else f"[red]{p.reason}[/]")
+        table.add_row(*row)
+    n_viable = sum(p.viable for p in placements)
+    console.print(table, crop=False)
+    console.print(f"{n_viable} viable of {len(placements)} offers; VRAM needed {est.vram_gb:.1f} GB, "
+                  f"{est.tokens:,} tokens")
+    for name, why in sorted(problems.items()):
+        err.print(f"[yellow]{name}[/]: {why}")
+
+
 # ---------------------------------------------------------------- daemon / demo
 @app.command()
 def daemon(
@@ -323,7 +447,7 @@ def daemon(
     import signal
 
     from infra.logging import configure_logging
-    from orchestrator.daemon import Daemon, DaemonLock, DaemonLocked, build_providers
+    from orchestrator.daemon import Daemon, DaemonLock, DaemonLocked, launchable_providers
 
     config = _config()
     lock = DaemonLock(config.home)
@@ -332,7 +456,7 @@ def daemon(
     except DaemonLocked as exc:
         raise CliError(str(exc)) from None
     configure_logging(config.logs_dir / "daemon.log", console=True)
-    providers = build_providers(config)
+    providers = launchable_providers(config)
     with _store(config) as store:
         d = Daemon(store, config, providers)
         signal.signal(signal.SIGTERM, lambda *_: d.stop.set())

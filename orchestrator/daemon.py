@@ -28,10 +28,12 @@ from typing import Any
 from infra.config import Config
 from infra.logging import get_logger
 from infra.storage import CheckpointStore, StorageError, open_store
+from jobs.estimate import estimate
 from orchestrator.scheduler import rank
 from orchestrator.states import AttemptState, JobState
 from orchestrator.store import AttemptRow, InvalidTransition, JobRow, Store
 from providers.base import LaunchRequest, Provider, ProviderError, RunState
+from providers.registry import build_providers, gather_offers
 
 EXIT_PREEMPTED = 75  # mirrors jobs.train.EXIT_PREEMPTED (the payload's side of the contract)
 EXIT_BAD_INPUT = 2
@@ -119,6 +121,7 @@ class Daemon:
         self._stores: dict[str, CheckpointStore] = {}
         self._waiting: dict[str, str] = {}  # job id -> reason it is waiting (event written once)
         self._avoid: dict[tuple[str, str], float] = {}  # (provider, offer) -> until
+        self._estimates: dict[str, Any] = {}  # job id -> Estimate (None when it cannot be made)
         self.stop = threading.Event()
 
     # ---- helpers ----
@@ -144,6 +147,12 @@ class Daemon:
     # ---- the loop ----
     def run(self, *, until_idle: bool = False, max_seconds: float | None = None) -> None:
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        for name, prov in list(self.providers.items()):
+            try:
+                prov.open()
+            except ProviderError as exc:
+                self.log.error("provider unavailable", provider=name, reason=str(exc))
+                del self.providers[name]
         self.log.info("daemon started", providers=sorted(self.providers), until_idle=until_idle)
         while not self.stop.is_set():
             self.tick()
@@ -315,41 +324,50 @@ class Daemon:
         )
 
     # ---- queued jobs (a queued job's cancel is finished by Store.request_cancel itself) ----
+    def _estimate(self, job: JobRow):
+        if job.id not in self._estimates:
+            try:
+                self._estimates[job.id] = estimate(job.spec)
+            except Exception as exc:  # an estimate is advice; never let it block placement
+                self.log.warning("no estimate", job_id=job.id, error=str(exc))
+                self._estimates[job.id] = None
+        return self._estimates[job.id]
+
     def _place(self) -> None:
         now = self.clock()
         self._avoid = {k: t for k, t in self._avoid.items() if t > now}
         for job in self.store.next_queued(now, limit=50):
             log = self.log.bind(job_id=job.id)
             allowed = (job.spec.get("policy") or {}).get("providers")
-            offers = []
-            problems = []
-            for name, prov in sorted(self.providers.items()):
-                if allowed and name not in allowed:
-                    continue
-                try:
-                    offers += prov.offers(job.spec)
-                except ProviderError as exc:
-                    problems.append(f"{name}: {exc}")
-            placements = rank(job.spec, offers, avoid=self._avoid)
+            providers = {n: p for n, p in self.providers.items() if not allowed or n in allowed}
+            est = self._estimate(job)
+            result = gather_offers(providers, job.spec, est)
+            latest = self._ckpt_store(job).latest_checkpoint(job.id)
+            placements = rank(
+                job.spec, est, result.offers, now=now, avoid=self._avoid, spent_usd=job.cost_usd,
+                done_steps=latest.step if latest else 0,
+            )
             viable = [p for p in placements if p.viable]
             if not viable:
-                reasons = [f"{p.offer.provider}/{p.offer.offer_id}: {p.reason}" for p in placements] + problems
+                reasons = [f"{p.offer.provider}/{p.offer.offer_id}: {p.reason}" for p in placements[:5]]
+                reasons += [f"{name}: {why}" for name, why in sorted(result.problems.items())]
                 why = "no viable offer: " + ("; ".join(reasons) if reasons else "no provider offered capacity")
                 if self._waiting.get(job.id) != why:
                     self._waiting[job.id] = why
-                    self.store.add_event(job.id, "waiting", why)
+                    self.store.add_event(job.id, "waiting", why, data={"offers": len(placements)})
                     log.warning("job waiting", reason=why)
                 continue
             self._waiting.pop(job.id, None)
-            self._launch(job, viable[0].offer, viable[0].reason, log)
+            self._launch(job, viable[0], log, latest.step if latest else 0, len(viable))
 
-    def _launch(self, job: JobRow, offer, why: str, log) -> None:
-        latest = self._ckpt_store(job).latest_checkpoint(job.id)
+    def _launch(self, job: JobRow, placement, log, start_step: int, n_viable: int) -> None:
+        offer = placement.offer
         try:
             att = self.store.create_attempt(
                 job.id, provider=offer.provider, offer_id=offer.offer_id,
-                usd_per_hour=offer.usd_per_hour, start_step=latest.step if latest else 0,
-                data={"offer": offer.to_dict(), "why": why},
+                usd_per_hour=offer.usd_per_hour, start_step=start_step,
+                data={"offer": offer.to_dict(), "why": placement.reason, "est_usd": placement.est_usd,
+                      "est_hours": placement.est_hours, "risk": placement.risk, "viable_offers": n_viable},
             )
         except InvalidTransition:
             return  # cancelled or moved by someone else meanwhile
@@ -388,12 +406,9 @@ class Daemon:
         log.info("attempt launched", provider=offer.provider, offer=offer.offer_id, start_step=att.start_step)
 
 
-def build_providers(config: Config) -> dict[str, Provider]:
-    """The providers this daemon places on. For now: the local Ray cluster."""
-    from providers.local import LocalRayProvider
-
-    return {
-        "local": LocalRayProvider(
-            address=config.ray_address, num_cpus=config.ray_num_cpus, num_gpus=config.ray_num_gpus
-        )
-    }
+def launchable_providers(config: Config) -> dict[str, Provider]:
+    """The providers this daemon places on: every one whose launch path exists."""
+    providers, broken = build_providers(config, launchable_only=True)
+    for name, why in broken.items():
+        get_logger(component="daemon").warning("provider unavailable", provider=name, reason=why)
+    return providers

@@ -47,6 +47,7 @@ class Offer:
     hazard_per_hour: float = 0.0  # expected interruptions per hour
     region: str = "local"
     on_premises: bool = False  # data never leaves
+    owned: bool = False  # the team's own hardware, priced at its marginal (power) cost
     startup_s: float = 0.0
     price_source: PriceSource = PriceSource.COST_MODEL
     price_date: str | None = None  # for snapshot/catalog prices: when they were published
@@ -71,6 +72,7 @@ class Offer:
             "hazard_per_hour": self.hazard_per_hour,
             "region": self.region,
             "on_premises": self.on_premises,
+            "owned": self.owned,
             "startup_s": self.startup_s,
             "price_source": str(self.price_source),
             "price_date": self.price_date,
@@ -167,6 +169,9 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def cancel(self, handle: dict[str, Any], grace_s: float = 0.0) -> None:
         """Stop the attempt and release its capacity. Idempotent."""
+
+    def open(self) -> None:  # noqa: B027 - optional hook
+        """Connect now, from the daemon's main thread, before offers are asked from worker threads."""
 
     def handle_for(self, attempt_id: str) -> dict[str, Any] | None:
         """Rebuild a handle from the attempt id alone (used after a daemon crash). Optional."""

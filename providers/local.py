@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+from jobs.gpus import canonical_gpu, gpu_info
 from providers.base import (
     LaunchFailed,
     LaunchRequest,
@@ -101,8 +103,54 @@ def _runner_class():
     return AttemptRunner
 
 
+@dataclass(frozen=True)
+class CostModel:
+    """What an owned GPU costs per hour. The scheduler is offered the *marginal* cost (power):
+    the purchase is sunk, so idle hardware is a direct drain; the amortized figure is shown too."""
+
+    gpu_purchase_usd: float = 2000.0
+    gpu_lifetime_hours: float = 26280.0
+    gpu_watts: float = 350.0
+    cpu_watts: float = 65.0
+    usd_per_kwh: float = 0.15
+
+    def marginal(self, gpus: int) -> float:
+        if gpus == 0:
+            return self.cpu_watts / 1000 * self.usd_per_kwh
+        return gpus * self.gpu_watts / 1000 * self.usd_per_kwh
+
+    def amortized(self, gpus: int) -> float:
+        if gpus == 0:
+            return self.marginal(0)
+        return gpus * self.gpu_purchase_usd / self.gpu_lifetime_hours + self.marginal(gpus)
+
+
+def _nvidia_smi_gpus() -> list[tuple[str, float]]:
+    """(name, VRAM GB) of this machine's GPUs without starting Ray; [] when there are none."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        name, _, mem = line.rpartition(",")
+        try:
+            gpus.append((name.strip(), float(mem) / 1024))
+        except ValueError:
+            continue
+    return gpus
+
+
 class LocalRayProvider(Provider):
-    """Local GPUs (or the CPU) of a Ray cluster. Price comes from the cost model in config."""
+    """Local GPUs (or the CPU) of a Ray cluster, priced by the cost model in config."""
 
     name = "local"
 
@@ -112,13 +160,17 @@ class LocalRayProvider(Provider):
         address: str | None = None,
         num_cpus: int | None = None,
         num_gpus: int | None = None,
-        usd_per_hour: float = 0.0,
+        cost: CostModel | None = None,
         python: str | None = None,
+        light: bool = False,
     ) -> None:
+        """``light``: answer offers from an nvidia-smi inventory instead of starting an embedded
+        Ray instance (for ``tunefleet offers``; the daemon needs Ray's view of what is free)."""
+        self.light = light
         self.address = address
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
-        self.usd_per_hour = usd_per_hour
+        self.cost = cost or CostModel()
         self.python = python or sys.executable
         self._ray = None
 
@@ -150,46 +202,75 @@ class LocalRayProvider(Provider):
         self._ray = ray
         return ray
 
+    def open(self) -> None:
+        self._connect()
+
     def check(self) -> tuple[bool, str]:
-        try:
-            ray = self._connect()
-            res = ray.cluster_resources()
-        except ProviderUnavailable as exc:
-            return False, str(exc)
-        kind = f"joined {self.address}" if self.address else "embedded"
-        return True, f"Ray {kind}: {int(res.get('CPU', 0))} CPUs, {int(res.get('GPU', 0))} GPUs"
+        """Cheap: does not start an embedded Ray instance (the daemon does that)."""
+        if self._ray is not None:
+            res = self._ray.cluster_resources()
+            return True, f"Ray connected: {int(res.get('CPU', 0))} CPUs, {int(res.get('GPU', 0))} GPUs"
+        if self.address:
+            import socket
+
+            host, _, port = self.address.rpartition(":")
+            try:
+                with socket.create_connection((host or "127.0.0.1", int(port)), timeout=3):
+                    pass
+            except (OSError, ValueError) as exc:
+                return False, f"Ray cluster at {self.address} is not reachable ({exc})"
+            return True, f"joins the Ray cluster at {self.address}; cost model ${self.cost.marginal(1):.3f}/GPU-h marginal"
+        gpus = _nvidia_smi_gpus()
+        what = f"{len(gpus)} GPU(s): {', '.join(sorted({g for g, _ in gpus}))}" if gpus else "no GPU, the CPU"
+        return True, f"embedded Ray (started by the daemon); {what}; power ${self.cost.marginal(len(gpus) and 1):.3f}/h"
 
     # ---- offers ----
+    def _inventory(self) -> tuple[int, int, str | None, float]:
+        """(available GPUs, available CPUs, GPU model, VRAM per GPU) of idle capacity."""
+        if self._ray is not None or self.address or not self.light:
+            ray = self._connect()
+            avail = ray.available_resources()
+            total = ray.cluster_resources()
+            models = sorted(k.split(":", 1)[1] for k in total if k.startswith("accelerator_type:"))
+            gpu = canonical_gpu(models[0]) if models else None
+            info = gpu_info(gpu) if gpu else None
+            return int(avail.get("GPU", 0)), int(avail.get("CPU", 0)), gpu, info.vram_gb if info else 0.0
+        gpus = _nvidia_smi_gpus()
+        cpus = self.num_cpus or os.cpu_count() or 1
+        if self.num_gpus is not None:  # logical GPUs declared for the embedded instance
+            return self.num_gpus, cpus, (canonical_gpu(gpus[0][0], gpus[0][1]) if gpus else None), (gpus[0][1] if gpus else 0.0)
+        if not gpus:
+            return 0, cpus, None, 0.0
+        return len(gpus), cpus, canonical_gpu(gpus[0][0], gpus[0][1]), gpus[0][1]
+
     def offers(self, spec: dict[str, Any], estimate: Any = None) -> list[Offer]:
-        ray = self._connect()
-        res = ray.cluster_resources()
-        total_gpus = int(res.get("GPU", 0))
-        total_cpus = int(res.get("CPU", 0))
-        models = sorted(k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:"))
+        gpus_free, cpus_free, model, vram = self._inventory()
         resources = spec.get("resources") or {}
         need_gpus = int(resources.get("gpus", 1))
         device = resources.get("device", "auto")
-        need_cpus = int(resources.get("cpus", 1))
-        if need_cpus > total_cpus:
+        if int(resources.get("cpus", 1)) > cpus_free:
             return []
-        if need_gpus > 0 and device != "cpu" and total_gpus >= need_gpus:
-            gpu = models[0] if models else "gpu"
-            return [self._offer(f"local-{gpu}x{need_gpus}", gpu, need_gpus)]
+        if need_gpus > 0 and device != "cpu" and gpus_free >= need_gpus:
+            gpu = model or "gpu"
+            return [self._offer(f"local-{gpu}x{need_gpus}", gpu, need_gpus, vram)]
         if need_gpus == 0 or device in ("auto", "cpu"):
-            return [self._offer("local-cpu", "cpu", 0)]
+            return [self._offer("local-cpu", "cpu", 0, 0.0)]
         return []
 
-    def _offer(self, offer_id: str, gpu: str, count: int) -> Offer:
+    def _offer(self, offer_id: str, gpu: str, count: int, vram: float) -> Offer:
         return Offer(
             provider=self.name,
             offer_id=offer_id,
             gpu=gpu,
             gpu_count=count,
-            vram_gb=0.0,
-            usd_per_hour=self.usd_per_hour,
+            vram_gb=vram,
+            usd_per_hour=self.cost.marginal(count),
             region=self.address or "embedded",
             on_premises=True,
+            owned=True,
+            startup_s=15.0,
             price_source=PriceSource.COST_MODEL,
+            extra=(("amortized_usd_per_hour", round(self.cost.amortized(count), 4)),),
         )
 
     # ---- attempts ----
