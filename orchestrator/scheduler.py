@@ -97,6 +97,8 @@ def expected_wall_hours(work_h: float, hazard: float, interval_h: float, restart
     x = hazard * tau
     if x > 50:  # would never finish
         return math.inf
+    if x < 1e-6:  # series expansion: 1/λ · expm1(λτ) underflows to inf · 0 for tiny λ
+        return work_h * (1.0 + x / 2 + hazard * restart_h * (1.0 + x / 2))
     return (work_h / tau) * (1.0 / hazard + restart_h) * math.expm1(x)
 
 
