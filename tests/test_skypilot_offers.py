@@ -1,0 +1,224 @@
+"""SkyPilot provider: offers come from SkyPilot's own catalog code reading a catalog written here.
+
+SkyPilot resolves its catalog and state paths when ``sky`` is imported, so every scenario that
+reaches SkyPilot runs in its own Python process with HOME and SKY_RUNTIME_DIR pointing at a fresh
+temporary folder (marked slow: ``import sky`` costs seconds). Nothing is downloaded: the catalog
+files carry no ``.meta`` md5, so SkyPilot treats them as user-edited.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+import providers.skypilot as sp
+from providers.base import PriceSource, ProviderUnavailable
+from tests.skypilot_catalog import sample_rows, write_catalog
+
+REPO = Path(__file__).resolve().parent.parent
+MARK = "@@RESULT@@"
+PRELUDE = """  # every scenario starts with this
+import json, sys, time
+from types import SimpleNamespace
+from providers.skypilot import SkyPilotProvider
+def offers(p, gpus, vram):
+    return [o.to_dict() for o in p.offers({"resources": {"gpus": gpus}}, SimpleNamespace(vram_gb=vram))]
+"""
+
+
+def run_scenario(home: Path, body: str, timeout: float = 60.0) -> Any:
+    """Run ``body`` in a fresh interpreter with SkyPilot rooted at ``home``; it sets ``result``."""
+    script = PRELUDE + textwrap.dedent(body)
+    script += f"\nprint({MARK!r} + json.dumps(result))\n"
+    env = {**os.environ, "HOME": str(home), "SKY_RUNTIME_DIR": str(home), "PYTHONPATH": str(REPO)}
+    env.pop("SKYPILOT_API_SERVER_ENDPOINT", None)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith(MARK))
+    return json.loads(line[len(MARK):])
+
+
+def by_id(offers: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {o["offer_id"]: o for o in offers}
+
+
+def test_import_does_not_import_sky():
+    code = "import sys, providers.skypilot; assert 'sky' not in sys.modules, 'sky imported'; print('ok')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def test_not_installed_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(sp, "sky_version", lambda: None)
+    p = sp.SkyPilotProvider()
+    assert p.check() == (False, "SkyPilot is not installed: pip install 'tunefleet[sky]'")
+    with pytest.raises(ProviderUnavailable, match="not installed"):
+        p.offers({"resources": {"gpus": 1}}, SimpleNamespace(vram_gb=10))
+
+
+def test_no_catalog_no_network_is_fast_and_never_touches_sky(tmp_path):
+    """No catalog: check() is disabled with the reason, offers() raises ProviderUnavailable, sky is
+    never imported (it would try a download with no timeout)."""
+    result = run_scenario(tmp_path, """
+    p, q = SkyPilotProvider(), SkyPilotProvider(clouds=["aws", "lambda"])
+    t = time.monotonic()
+    errors = []
+    for prov in (p, q):
+        try:
+            offers(prov, 1, 10)
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+    result = {"check": [p.check(), q.check()], "errors": errors, "s": time.monotonic() - t,
+              "sky": "sky" in sys.modules}
+    """)
+    assert result["sky"] is False
+    assert result["s"] < 3
+    (ok_p, why_p), (ok_q, why_q) = result["check"]
+    assert not ok_p and "no SkyPilot catalog offline" in why_p
+    assert not ok_q and "for aws, lambda" in why_q
+    assert len(result["errors"]) == 2
+    assert all(e.startswith("ProviderUnavailable: no SkyPilot catalog could be read offline") for e in result["errors"])
+    assert "aws: no catalog offline" in result["errors"][1]
+
+
+def test_a_hung_catalog_read_is_abandoned_not_waited_for(tmp_path, monkeypatch):
+    """SkyPilot downloads catalogs with no timeout: a read that never returns costs timeout_s once,
+    and is not started again while it is still stuck."""
+    write_catalog(tmp_path, {"aws": sample_rows()["aws"]})
+    monkeypatch.setenv("SKY_RUNTIME_DIR", str(tmp_path))
+    release = threading.Event()
+    calls: list[str] = []
+
+    def hang(cloud: str) -> list[Any]:
+        calls.append(cloud)
+        release.wait(30)
+        return []
+
+    monkeypatch.setattr(sp, "list_cloud", hang)
+    p = sp.SkyPilotProvider(timeout_s=0.5)
+    try:
+        for _ in range(2):
+            t = time.monotonic()
+            with pytest.raises(ProviderUnavailable, match="aws"):
+                p.offers({"resources": {"gpus": 1}}, SimpleNamespace(vram_gb=10))
+            assert time.monotonic() - t < 2
+        assert calls == ["aws"]
+        assert "has not returned" in p.skipped["aws"]
+    finally:
+        release.set()
+
+
+def test_a_failing_cloud_is_skipped_with_its_reason(tmp_path, monkeypatch):
+    rows = sample_rows()
+    write_catalog(tmp_path, {"aws": rows["aws"], "lambda": rows["lambda"]})
+    monkeypatch.setenv("SKY_RUNTIME_DIR", str(tmp_path))
+
+    def fake(cloud: str) -> list[sp.Row]:
+        if cloud == "aws":
+            raise RuntimeError("boom")
+        return [("gpu_1x_a100_sxm4", "A100", 1.0, 30.0, 200.0, 40.0, 1.29, None, "us-east-1")]
+
+    monkeypatch.setattr(sp, "list_cloud", fake)
+    p = sp.SkyPilotProvider()
+    offers = p.offers({"resources": {"gpus": 1}}, SimpleNamespace(vram_gb=10))
+    assert [o.offer_id for o in offers] == ["lambda/us-east-1/gpu_1x_a100_sxm4"]
+    assert p.skipped == {"aws": "SkyPilot could not read the aws catalog: RuntimeError: boom"}
+
+
+@pytest.mark.slow
+def test_offers_come_from_skypilots_catalog(tmp_path):
+    write_catalog(tmp_path, sample_rows())
+    result = run_scenario(tmp_path, """
+    p = SkyPilotProvider()
+    only = SkyPilotProvider(clouds=["lambda", "gcp"])
+    result = {"check": p.check(), "one_20": offers(p, 1, 20), "one_30": offers(p, 1, 30),
+              "eight_30": offers(p, 8, 30), "eight_60": offers(p, 8, 60), "cpu": p.offers(
+              {"resources": {"device": "cpu", "gpus": 0}}, None), "only_check": only.check(),
+              "only": offers(only, 1, 20), "only_skipped": only.skipped}
+    """)
+    ok, why = result["check"]
+    assert ok and why.startswith("SkyPilot 0.14.1 catalog for aws, lambda, runpod")
+    assert "launching needs `sky check` (not run)" in why
+
+    one = by_id(result["one_20"])
+    # Both AWS regions of g5.xlarge: SkyPilot keeps only the cheapest unless all_regions=True.
+    assert {"aws/us-east-1/g5.xlarge", "aws/us-west-2/g5.xlarge", "aws/us-east-1/g5.xlarge:spot",
+            "aws/us-west-2/g5.xlarge:spot", "aws/us-east-1/g6.xlarge", "lambda/us-east-1/gpu_1x_a10",
+            "runpod/US/1x_RTX4090_SECURE", "runpod/US/1x_RTX4090_SECURE:spot"} <= set(one)
+    g5 = one["aws/us-east-1/g5.xlarge"]
+    assert (g5["gpu"], g5["gpu_count"], g5["vram_gb"], g5["usd_per_hour"]) == ("A10G", 1, 24.0, 1.006)
+    assert (g5["interruptible"], g5["hazard_per_hour"], g5["on_premises"]) == (False, 0.0, False)
+    assert g5["price_source"] == PriceSource.CATALOG.value and g5["region"] == "us-east-1"
+    assert g5["extra"]["cloud"] == "aws" and g5["extra"]["instance_type"] == "g5.xlarge"
+    assert 240 <= g5["startup_s"] <= 600
+    spot = one["aws/us-west-2/g5.xlarge:spot"]
+    assert (spot["usd_per_hour"], spot["interruptible"], spot["hazard_per_hour"]) == (0.4512, True, 0.05)
+    assert one["aws/us-east-1/g6.xlarge"]["gpu"] == "L4"
+    assert one["runpod/US/1x_RTX4090_SECURE"]["vram_gb"] == 24.0  # RunPod's GB-in-MiB field, scaled back
+    assert not any(o["interruptible"] for o in result["one_20"] if o["extra"]["cloud"] == "lambda")
+    assert all(o["gpu_count"] == 1 for o in result["one_20"])
+
+    # 30 GB per GPU rules out every 24 GB card (and the 22.4 GiB L4).
+    assert set(by_id(result["one_30"])) == {
+        "lambda/us-east-1/gpu_1x_a100_sxm4", "lambda/us-west-1/gpu_1x_h100_pcie",
+        "runpod/US/1x_A100-80GB_SECURE", "runpod/US/1x_A100-80GB_SECURE:spot"}
+    assert by_id(result["one_30"])["runpod/US/1x_A100-80GB_SECURE"]["gpu"] == "A100-80GB"
+    assert by_id(result["one_30"])["lambda/us-east-1/gpu_1x_a100_sxm4"]["gpu"] == "A100"
+
+    # Eight GPUs: the whole instance's price; p5 has no spot price in the catalog, so no spot offer.
+    eight = by_id(result["eight_30"])
+    assert set(eight) == {"aws/us-east-1/p4d.24xlarge", "aws/us-east-1/p4d.24xlarge:spot",
+                          "aws/us-east-1/p5.48xlarge", "lambda/us-east-1/gpu_8x_a100_80gb_sxm4"}
+    assert eight["aws/us-east-1/p4d.24xlarge"]["usd_per_hour"] == 32.7726
+    assert eight["aws/us-east-1/p5.48xlarge"]["gpu"] == "H100"
+    assert set(by_id(result["eight_60"])) == {"aws/us-east-1/p5.48xlarge", "lambda/us-east-1/gpu_8x_a100_80gb_sxm4"}
+    prices = [o["usd_per_hour"] for o in result["one_20"]]
+    assert prices == sorted(prices)
+    assert result["cpu"] == []
+
+    ok, why = result["only_check"]
+    assert ok and "catalog for lambda" in why and "no catalog for gcp" in why
+    assert {o["extra"]["cloud"] for o in result["only"]} == {"lambda"}
+    assert result["only_skipped"] == {"gcp": f"no catalog offline under {tmp_path}/.sky/catalogs/v8"}
+
+
+@pytest.mark.slow
+def test_default_clouds_are_those_sky_check_enabled(tmp_path):
+    """The enabled-clouds row is written by SkyPilot's own state code; we read it without sky."""
+    write_catalog(tmp_path, sample_rows())
+    result = run_scenario(tmp_path, """
+    from sky import global_user_state
+    from sky.clouds import cloud
+    global_user_state.set_enabled_clouds(["AWS", "Kubernetes"], cloud.CloudCapability.COMPUTE, "default")
+    import providers.skypilot as sp
+    p = SkyPilotProvider()
+    result = {"enabled": sp.enabled_clouds(), "check": p.check(), "clouds": sorted(
+              {o["extra"]["cloud"] for o in offers(p, 1, 20)})}
+    """)
+    assert result["enabled"] == ["aws"]  # Kubernetes has no price catalog
+    assert result["check"] == [True, "SkyPilot 0.14.1 catalog for aws; enabled by `sky check`; quotes only"]
+    assert result["clouds"] == ["aws"]
+
+
+def test_launch_is_not_built():
+    from providers.base import LaunchFailed, RunState
+
+    p = sp.SkyPilotProvider()
+    assert p.launchable is False
+    with pytest.raises(LaunchFailed, match="not built yet"):
+        p.launch(None, None)  # type: ignore[arg-type]
+    assert p.poll({}).state is RunState.UNKNOWN
+    p.cancel({})
+    p.cancel({})
