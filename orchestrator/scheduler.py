@@ -32,11 +32,11 @@ from providers.base import Offer
 RESTART_OVERHEAD_H = 2 / 60  # reload model + download checkpoint, on top of the offer's start-up
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Placement:
     offer: Offer
     viable: bool
-    reason: str  # why rejected, or what the estimate rests on
+    why: str | None  # why rejected; for a viable offer None, and ``reason`` is built on demand
     work_hours: float | None = None  # uninterrupted training time left
     est_hours: float | None = None  # expected wall time: start-up + work + expected rework/restarts
     est_usd: float | None = None  # expected cost of the completed job
@@ -45,7 +45,23 @@ class Placement:
     avoided: bool = False  # failed or was lost recently: used only when nothing else is viable
 
     @property
+    def reason(self) -> str:
+        """Why rejected, or what a viable placement's estimate rests on."""
+        if self.why is not None:
+            return self.why
+        if self.work_hours is None or self.est_hours is None:
+            text = f"${self.offer.usd_per_hour:.2f}/h (no estimate)"
+        else:
+            text = f"{self.work_hours:.2f} h of work"
+            startup_h = self.offer.startup_s / 3600.0
+            rework = self.est_hours - startup_h - self.work_hours
+            if self.offer.hazard_per_hour > 0:
+                text += f", +{rework:.2f} h expected rework/restarts (risk {self.risk:.0%})"
+        return text + ("; recently lost, last resort" if self.avoided else "")
+
+    @property
     def sort_key(self) -> tuple[Any, ...]:
+        """Viable first; then not recently lost; owned; expected cost; finish; $/h; ids."""
         o = self.offer
         return (
             not self.viable,
@@ -93,7 +109,7 @@ def expected_wall_hours(work_h: float, hazard: float, interval_h: float, restart
         return 0.0
     if hazard <= 0:
         return work_h
-    tau = min(max(interval_h, 1e-6), work_h)
+    tau = work_h if interval_h >= work_h else (interval_h if interval_h > 1e-6 else 1e-6)
     x = hazard * tau
     if x > 50:  # would never finish
         return math.inf
@@ -111,38 +127,46 @@ def _deadline(policy: dict[str, Any]) -> float | None:
     return datetime.fromisoformat(str(d).replace("Z", "+00:00")).timestamp()
 
 
-def _policy_rejection(spec: dict[str, Any], offer: Offer, vram_needed: float | None) -> str | None:
-    policy = spec.get("policy") or {}
-    resources = spec.get("resources") or {}
-    allowed = policy.get("providers")
-    if allowed and offer.provider not in allowed:
-        return f"provider {offer.provider} is not in policy.providers ({', '.join(allowed)})"
-    if policy.get("data") == "restricted" and not offer.on_premises:
-        return "policy.data is restricted and this offer is off premises"
-    spot = policy.get("spot", "allow")
-    if spot == "never" and offer.interruptible:
-        return "interruptible offer, and policy.spot is never"
-    if spot == "only" and not offer.interruptible:
-        return "on-demand offer, and policy.spot is only"
-    cap = policy.get("max_usd_per_hour")
-    if cap is not None and offer.usd_per_hour > cap:
-        return f"${offer.usd_per_hour:.2f}/h is over policy.max_usd_per_hour ${cap:.2f}"
-    gpus = int(resources.get("gpus", 1))
-    device = resources.get("device", "auto")
-    if offer.gpu == "managed":
-        return None  # a managed API sizes its own hardware
-    if offer.gpu_count == 0:
-        if gpus > 0 and device == "cuda":
-            return f"the job needs {gpus} GPU(s) (device: cuda); this offer is CPU only"
+class _Policy:
+    """The job's constraints, read once per ``rank`` call (it runs for every offer)."""
+
+    def __init__(self, spec: dict[str, Any], vram_needed: float | None):
+        policy = spec.get("policy") or {}
+        resources = spec.get("resources") or {}
+        self.allowed = frozenset(policy.get("providers") or ())
+        self.allowed_text = ", ".join(policy.get("providers") or ())
+        self.restricted = policy.get("data") == "restricted"
+        self.spot = policy.get("spot", "allow")
+        self.cap = policy.get("max_usd_per_hour")
+        self.gpus = int(resources.get("gpus", 1))
+        self.device = resources.get("device", "auto")
+        want = resources.get("gpu_vram_gb", "auto")
+        self.explicit_vram = isinstance(want, (int, float))
+        self.vram_floor = float(want) if self.explicit_vram else (vram_needed or 0.0)
+
+    def rejection(self, offer: Offer) -> str | None:
+        if self.allowed and offer.provider not in self.allowed:
+            return f"provider {offer.provider} is not in policy.providers ({self.allowed_text})"
+        if self.restricted and not offer.on_premises:
+            return "policy.data is restricted and this offer is off premises"
+        if self.spot == "never" and offer.interruptible:
+            return "interruptible offer, and policy.spot is never"
+        if self.spot == "only" and not offer.interruptible:
+            return "on-demand offer, and policy.spot is only"
+        if self.cap is not None and offer.usd_per_hour > self.cap:
+            return f"${offer.usd_per_hour:.2f}/h is over policy.max_usd_per_hour ${self.cap:.2f}"
+        if offer.gpu == "managed":
+            return None  # a managed API sizes its own hardware
+        if offer.gpu_count == 0:
+            if self.gpus > 0 and self.device == "cuda":
+                return f"the job needs {self.gpus} GPU(s) (device: cuda); this offer is CPU only"
+            return None
+        if offer.gpu_count < self.gpus:
+            return f"the job needs {self.gpus} GPUs; this offer has {offer.gpu_count}"
+        if offer.vram_gb and offer.vram_gb < self.vram_floor:
+            what = "resources.gpu_vram_gb" if self.explicit_vram else "the estimated need"
+            return f"{offer.vram_gb:g} GB per GPU is under {what} ({self.vram_floor:.1f} GB)"
         return None
-    if offer.gpu_count < gpus:
-        return f"the job needs {gpus} GPUs; this offer has {offer.gpu_count}"
-    want = resources.get("gpu_vram_gb", "auto")
-    floor = float(want) if isinstance(want, (int, float)) else (vram_needed or 0.0)
-    if offer.vram_gb and offer.vram_gb < floor:
-        what = "resources.gpu_vram_gb" if isinstance(want, (int, float)) else "the estimated need"
-        return f"{offer.vram_gb:g} GB per GPU is under {what} ({floor:.1f} GB)"
-    return None
 
 
 def rank(
@@ -168,50 +192,77 @@ def rank(
     steps = getattr(estimate, "steps", 0) or 0
     left = max(0.0, 1.0 - done_steps / steps) if steps else 1.0
     save_every = (spec.get("checkpoint") or {}).get("interval") or spec.get("save_steps") or 50
-    vram_needed = getattr(estimate, "vram_gb", None)
+    ckpt_frac = min(1.0, save_every / steps) if steps else 1.0  # checkpoint interval, as a fraction of the job
+    checker = _Policy(spec, getattr(estimate, "vram_gb", None))
+    hours_cache: dict[tuple[str, int], float | None] = {}
 
-    placements = []
-    for offer in offers:
-        reason = _policy_rejection(spec, offer, vram_needed)
-        if reason is not None:
-            placements.append(Placement(offer, False, reason))
-            continue
-        placements.append(_place(offer, estimate, now, left, steps, save_every, deadline, max_usd,
-                                 spent_usd, (offer.provider, offer.offer_id) in avoid_set))
-    placements.sort(key=lambda p: p.sort_key)
-    return placements
+    def hours(gpu: str, count: int) -> float | None:
+        key = (gpu, count)
+        if key not in hours_cache:
+            hours_cache[key] = estimate.hours(gpu, count)
+        return hours_cache[key]
+
+    viable: list[tuple[Any, ...]] = []
+    rejected: list[tuple[Any, ...]] = []
+    allowed, restricted, cap, floor = checker.allowed, checker.restricted, checker.cap, checker.vram_floor
+    spot_never, spot_only, gpus_needed = checker.spot == "never", checker.spot == "only", checker.gpus
+    for i, offer in enumerate(offers):
+        # fast path for the common case; the checker says why (the one place messages live)
+        if (
+            (allowed and offer.provider not in allowed)
+            or (restricted and not offer.on_premises)
+            or (spot_never and offer.interruptible)
+            or (spot_only and not offer.interruptible)
+            or (cap is not None and offer.usd_per_hour > cap)
+            or offer.gpu_count < gpus_needed
+            or (offer.vram_gb and offer.vram_gb < floor)
+            or not offer.gpu_count
+        ):
+            reason = checker.rejection(offer)
+            if reason is not None:
+                rejected.append((offer.provider, offer.offer_id, i, Placement(offer, False, reason)))
+                continue
+        p = _place(offer, estimate, hours, now, left, ckpt_frac, deadline, max_usd,
+                   spent_usd, bool(avoid_set) and (offer.provider, offer.offer_id) in avoid_set)
+        if p.viable:  # the same order as Placement.sort_key, as a flat tuple (C-speed comparisons)
+            viable.append((p.avoided, not offer.owned, math.inf if p.est_usd is None else p.est_usd,
+                           math.inf if p.finish_at is None else p.finish_at, offer.usd_per_hour,
+                           offer.provider, offer.offer_id, i, p))
+        else:
+            rejected.append((offer.provider, offer.offer_id, i, p))
+    viable.sort()
+    rejected.sort()
+    return [t[-1] for t in viable] + [t[-1] for t in rejected]
 
 
-def _place(offer, estimate, now, left, steps, save_every, deadline, max_usd, spent_usd, avoided) -> Placement:
-    startup_h = offer.startup_s / 3600.0
+def _place(offer, estimate, hours, now, left, ckpt_frac, deadline, max_usd, spent_usd, avoided) -> Placement:
+    """One viable-by-policy offer: expected hours, cost, finish and risk (the hot loop of ``rank``)."""
     if estimate is None:
-        return Placement(offer, True, f"${offer.usd_per_hour:.2f}/h (no estimate)", avoided=avoided)
-    if offer.hours is not None:
-        work_h = offer.hours * left
-    else:
-        full_h = estimate.hours(offer.gpu, max(1, offer.gpu_count))
+        return Placement(offer, True, None, avoided=avoided)
+    full_h = offer.hours
+    if full_h is None:
+        full_h = hours(offer.gpu, offer.gpu_count or 1)
         if full_h is None:  # still usable; ranked after every offer whose cost can be estimated
             return Placement(offer, True, f"no throughput figure for GPU model {offer.gpu!r}; "
                              f"${offer.usd_per_hour:.2f}/h", avoided=avoided)
-        work_h = full_h * left
-    interval_h = (work_h / (steps * max(left, 1e-9))) * save_every if steps else work_h
-    wall_h = expected_wall_hours(work_h, offer.hazard_per_hour, interval_h, startup_h + RESTART_OVERHEAD_H)
-    if math.isinf(wall_h):
-        return Placement(offer, False, "interrupted too often to ever finish between checkpoints", work_h)
+    work_h = full_h * left
+    startup_h = offer.startup_s / 3600.0
+    hazard = offer.hazard_per_hour
+    if hazard > 0:
+        wall_h = expected_wall_hours(work_h, hazard, full_h * ckpt_frac, startup_h + RESTART_OVERHEAD_H)
+        if wall_h == math.inf:
+            return Placement(offer, False, "interrupted too often to ever finish between checkpoints", work_h)
+        risk = 1.0 - math.exp(-hazard * wall_h)
+    else:
+        wall_h, risk = work_h, 0.0
     est_h = startup_h + wall_h
-    est_usd = offer.usd_total * left if offer.usd_total is not None else offer.usd_per_hour * est_h
-    risk = 1.0 - math.exp(-offer.hazard_per_hour * wall_h)
+    est_usd = offer.usd_per_hour * est_h if offer.usd_total is None else offer.usd_total * left
     finish = now + est_h * 3600.0
-    common = dict(work_hours=work_h, est_hours=est_h, est_usd=est_usd, finish_at=finish, risk=risk, avoided=avoided)
     if max_usd is not None and spent_usd + est_usd > max_usd:
         spent = f" + ${spent_usd:.2f} spent" if spent_usd else ""
-        return Placement(offer, False, f"expected ${est_usd:.2f}{spent} is over policy.max_usd ${max_usd:.2f}", **common)
+        why = f"expected ${est_usd:.2f}{spent} is over policy.max_usd ${max_usd:.2f}"
+        return Placement(offer, False, why, work_h, est_h, est_usd, finish, risk, avoided)
     if deadline is not None and finish > deadline:
-        late_h = (finish - deadline) / 3600.0
-        return Placement(offer, False, f"expected to finish {late_h:.1f} h after the deadline", **common)
-    why = f"{work_h:.2f} h of work"
-    if offer.hazard_per_hour > 0:
-        why += f", +{wall_h - work_h:.2f} h expected rework/restarts (risk {risk:.0%})"
-    if avoided:
-        why += "; recently lost, last resort"
-    return Placement(offer, True, why, **common)
+        why = f"expected to finish {(finish - deadline) / 3600.0:.1f} h after the deadline"
+        return Placement(offer, False, why, work_h, est_h, est_usd, finish, risk, avoided)
+    return Placement(offer, True, None, work_h, est_h, est_usd, finish, risk, avoided)
