@@ -346,11 +346,17 @@ def providers(json_out: JsonOpt = False) -> None:
 
 
 def _spec_and_estimate(job_file: Path):
+    """The validated job and its estimate, calibrated by throughput measured on earlier runs."""
     from jobs.estimate import estimate
 
     spec = _load(job_file)
     _check_providers(spec)
-    return spec, estimate(spec)
+    config = _config()
+    calibration: dict[str, float] = {}
+    if config.db_path.is_file():
+        with _store(config) as store:
+            calibration = store.calibration(spec.base_model, spec.adapter or "full")
+    return spec, estimate(spec, calibration)
 
 
 def _check_providers(spec) -> None:

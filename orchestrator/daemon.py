@@ -257,6 +257,7 @@ class Daemon:
                   "checkpoint_step": latest.step if latest else None},
             exit_code=exit_code, end_reason=reason, end_step=end_step,
         )
+        self._record_throughput(att, job, progress)
         prov = self.providers.get(att.provider)
         handle = self._handle(att)
         if prov is not None and handle is not None:
@@ -281,6 +282,23 @@ class Daemon:
             self._requeue_after_preemption(att, job, outcome, latest, end_step)
         else:
             self._retry_or_fail(att, job, reason, exit_code)
+
+    def _record_throughput(self, att: AttemptRow, job: JobRow, progress: dict[str, Any] | None) -> None:
+        """Feed what this attempt measured back into later estimates (``jobs.estimate`` calibration)."""
+        tps = (progress or {}).get("tokens_per_s")
+        if not tps or tps <= 0:
+            return
+        created = next((e for e in self.store.events(job.id)
+                        if e.kind == "attempt_created" and e.attempt_id == att.id), None)
+        offer = (created.data.get("offer") if created else None) or {}
+        if not offer.get("gpu"):
+            return
+        self.store.record_throughput(
+            base_model=job.spec["base_model"], method=job.spec.get("adapter") or "full",
+            gpu=offer["gpu"], gpu_count=max(1, int(offer.get("gpu_count") or 1)),
+            tokens_per_s=float(tps), attempt_id=att.id,
+        )
+        self._estimates.pop(job.id, None)
 
     def _requeue_after_preemption(self, att, job, outcome, latest, end_step) -> None:
         preemptions = sum(1 for a in self.store.attempts_for(job.id) if a.state is AttemptState.PREEMPTED)
@@ -327,7 +345,8 @@ class Daemon:
     def _estimate(self, job: JobRow):
         if job.id not in self._estimates:
             try:
-                self._estimates[job.id] = estimate(job.spec)
+                method = job.spec.get("adapter") or "full"
+                self._estimates[job.id] = estimate(job.spec, self.store.calibration(job.spec["base_model"], method))
             except Exception as exc:  # an estimate is advice; never let it block placement
                 self.log.warning("no estimate", job_id=job.id, error=str(exc))
                 self._estimates[job.id] = None

@@ -159,10 +159,24 @@ MIGRATIONS: list[str] = [
         SELECT RAISE(ABORT, 'spend is append-only');
     END;
     """,
+    # v2: throughput measured by finished attempts, to calibrate estimates of later jobs
+    """
+    CREATE TABLE throughput (
+        id             INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts             REAL NOT NULL,
+        base_model     TEXT NOT NULL,
+        method         TEXT NOT NULL,
+        gpu            TEXT NOT NULL,
+        gpu_count      INTEGER NOT NULL,
+        tokens_per_s   REAL NOT NULL,
+        attempt_id     TEXT NULL
+    );
+    CREATE INDEX throughput_model ON throughput (base_model, method, gpu);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
-assert SCHEMA_VERSION == 1
+assert SCHEMA_VERSION == 2
 
 _BUSY_TIMEOUT_MS = 10_000
 
@@ -1127,6 +1141,40 @@ class Store:
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (now, job_id, attempt_id, provider, usd, kind),
             )
+
+    def record_throughput(
+        self, *, base_model: str, method: str, gpu: str, gpu_count: int, tokens_per_s: float,
+        attempt_id: str | None = None,
+    ) -> None:
+        """Remember what an attempt achieved, so later estimates of the same model use it."""
+        if not (tokens_per_s > 0 and tokens_per_s < float("inf")):
+            raise ValueError(f"tokens_per_s must be a positive number, got {tokens_per_s!r}")
+        with self._write() as c:
+            c.execute(
+                "INSERT INTO throughput (ts, base_model, method, gpu, gpu_count, tokens_per_s, attempt_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (self._now(), base_model, method, gpu, int(gpu_count), float(tokens_per_s), attempt_id),
+            )
+
+    def calibration(self, base_model: str, method: str, last: int = 20) -> dict[str, float]:
+        """Median measured tokens/s per GPU, by GPU model, over the last ``last`` runs of each."""
+        out: dict[str, float] = {}
+        with self._read() as c:
+            rows = c.execute(
+                "SELECT gpu, gpu_count, tokens_per_s FROM throughput WHERE base_model = ? AND method = ?"
+                " ORDER BY id DESC",
+                (base_model, method),
+            ).fetchall()
+        per_gpu: dict[str, list[float]] = {}
+        for gpu, count, tps in rows:
+            values = per_gpu.setdefault(gpu, [])
+            if len(values) < last:
+                values.append(tps / max(1, count))
+        for gpu, values in per_gpu.items():
+            values.sort()
+            mid = len(values) // 2
+            out[gpu] = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+        return out
 
     def spend_total(self, job_id: str | None = None) -> float:
         """Sum of the spend ledger, for one job or for everything."""

@@ -115,6 +115,11 @@ def test_submit_daemon_preempt_resume_succeed(tmp_path, model_cache):
     assert "attempt 1" in logs and "attempt 2" in logs
     assert f"resume from step {soft_attempts[1]['start_step']}" in logs
 
+    from orchestrator.store import Store
+
+    with Store(home / "state.db") as store:  # measured throughput now calibrates later estimates
+        assert store.calibration("tunefleet/tiny-llama", "qlora")["cpu"] > 0
+
     records = [json.loads(line) for line in (home / "logs" / "daemon.log").read_text().splitlines()]
     launched = [r for r in records if r.get("event") == "attempt launched"]
     assert {r["job_id"] for r in launched} == {soft, hard}

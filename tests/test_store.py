@@ -829,3 +829,39 @@ def test_threads_sharing_and_not_sharing_a_store(db_path: Path) -> None:
         for s in (shared, *own):
             s.close()
     check_invariants(db_path)
+
+
+def test_v1_database_is_migrated_to_v2_keeping_its_data(tmp_path: Path) -> None:
+    import sqlite3
+
+    from orchestrator.store import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")  # as v1 wrote it
+    conn.executescript(MIGRATIONS[0])
+    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
+    conn.execute(
+        "INSERT INTO jobs (id, name, state, priority, spec_json, created_at, updated_at, step)"
+        " VALUES ('j0000001', 'old', 'queued', 0, '{}', 1, 1, 0)"
+    )
+    conn.commit()
+    conn.close()
+    with Store(path) as store:
+        assert store.get_job("j0000001").name == "old"
+        store.record_throughput(base_model="m", method="qlora", gpu="A100", gpu_count=2, tokens_per_s=4000.0)
+        assert store.calibration("m", "qlora") == {"A100": 2000.0}  # per GPU
+    with sqlite3.connect(path) as c:
+        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+
+
+def test_calibration_is_the_median_of_recent_runs_per_gpu(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        for tps in (1000.0, 5000.0, 1200.0):
+            store.record_throughput(base_model="m", method="lora", gpu="L4", gpu_count=1, tokens_per_s=tps)
+        store.record_throughput(base_model="m", method="qlora", gpu="L4", gpu_count=1, tokens_per_s=9.0)
+        store.record_throughput(base_model="other", method="lora", gpu="L4", gpu_count=1, tokens_per_s=9.0)
+        assert store.calibration("m", "lora") == {"L4": 1200.0}
+        assert store.calibration("nobody", "lora") == {}
+        with pytest.raises(ValueError):
+            store.record_throughput(base_model="m", method="lora", gpu="L4", gpu_count=1, tokens_per_s=float("nan"))
