@@ -381,24 +381,50 @@ def _optimizer(name: str, device: str) -> str:
     return name
 
 
+_EXIT_STATES = {EXIT_OK: "succeeded", EXIT_PREEMPTED: "preempted"}
+
+
+def _report_exit(ns: argparse.Namespace, code: int, error: str | None) -> None:
+    """Last word in progress.json: the exit code. For a remote attempt this is how the daemon
+    learns how the payload ended, since it cannot see the process (the design's only channel)."""
+    if not (ns.store and ns.job_id):
+        return
+    try:
+        from infra.storage import open_store
+
+        store = open_store(ns.store)
+        doc = store.read_json(ns.job_id, "progress.json") or {}
+        if doc.get("attempt_id") != ns.attempt_id:
+            doc = {"attempt_id": ns.attempt_id, "step": 0}
+        doc.update(state=_EXIT_STATES.get(code, "failed"), exit_code=code, updated_at=time.time())
+        if error:
+            doc["error"] = error[-2000:]
+        store.write_json(ns.job_id, "progress.json", doc)
+    except Exception as exc:  # reporting must never change the exit code
+        print(f"[tunefleet] could not report exit {code}: {exc}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     PREEMPTION.install()
     ns = parse_args(argv)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    error = None
     try:
         if not ns.store:
             raise ValueError("no checkpoint store: pass --store URI or set TUNEFLEET_STORE")
-        return train(ns)
+        code = train(ns)
     except SystemExit as exc:
-        return int(exc.code or 0)
+        code = int(exc.code or 0)
     except (ValueError, FileNotFoundError) as exc:
         print(f"[tunefleet] bad input: {exc}", file=sys.stderr, flush=True)
         traceback.print_exc()
-        return EXIT_BAD_INPUT
-    except Exception:
+        code, error = EXIT_BAD_INPUT, f"bad input: {exc}"
+    except Exception as exc:
         traceback.print_exc()
-        return EXIT_FAILED
+        code, error = EXIT_FAILED, f"{type(exc).__name__}: {exc}"
+    _report_exit(ns, code, error)
+    return code
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from jobs.estimate import estimate
 from orchestrator.scheduler import rank
 from orchestrator.states import AttemptState, JobState
 from orchestrator.store import AttemptRow, InvalidTransition, JobRow, Store
-from providers.base import LaunchRequest, Provider, ProviderError, RunState
+from providers.base import LaunchRequest, Provider, ProviderError, RunState, RunStatus
 from providers.registry import build_providers, gather_offers
 
 EXIT_PREEMPTED = 75  # mirrors jobs.train.EXIT_PREEMPTED (the payload's side of the contract)
@@ -216,6 +216,9 @@ class Daemon:
                 checkpoint_step=progress.get("checkpoint_step"),
                 checkpoint_uri=progress.get("checkpoint_uri"),
             )
+        if progress and progress.get("exit_code") is not None and status.state is not RunState.EXITED:
+            # A remote payload's last word is in the store; the provider only sees a machine.
+            status = RunStatus(RunState.EXITED, exit_code=int(progress["exit_code"]), detail="reported by the payload")
         if status.state in (RunState.RUNNING, RunState.PENDING) and att.state is AttemptState.LAUNCHING:
             if status.state is RunState.RUNNING:
                 self.store.transition_attempt(
@@ -402,6 +405,7 @@ class Daemon:
             cpus=int(resources.get("cpus", 1)),
             log_path=log_path,
             env={"TUNEFLEET_MODEL_CACHE": str(self.config.home / "models")},
+            secrets=store_secrets(self._ckpt_store(job).uri),
         )
         prov = self.providers[offer.provider]
         try:
@@ -423,6 +427,17 @@ class Daemon:
             data={"handle": handle}, handle=handle, log_path=log_path,
         )
         log.info("attempt launched", provider=offer.provider, offer=offer.offer_id, start_step=att.start_step)
+
+
+_S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+           "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
+
+def store_secrets(store_uri: str) -> dict[str, str]:
+    """What a payload elsewhere needs to reach the checkpoint store: the daemon's own S3 settings."""
+    if not store_uri.startswith("s3://"):
+        return {}
+    return {k: os.environ[k] for k in _S3_ENV if os.environ.get(k)}
 
 
 def launchable_providers(config: Config) -> dict[str, Provider]:

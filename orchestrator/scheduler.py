@@ -141,6 +141,9 @@ class _Policy:
         self.gpus = int(resources.get("gpus", 1))
         self.device = resources.get("device", "auto")
         want = resources.get("gpu_vram_gb", "auto")
+        store = str((spec.get("checkpoint") or {}).get("store") or "file://")
+        # A remote machine cannot read or write this host's folder: it needs object storage.
+        self.store_local = store.startswith("file:") or "://" not in store
         self.explicit_vram = isinstance(want, (int, float))
         self.vram_floor = float(want) if self.explicit_vram else (vram_needed or 0.0)
 
@@ -156,7 +159,10 @@ class _Policy:
         if self.cap is not None and offer.usd_per_hour > self.cap:
             return f"${offer.usd_per_hour:.2f}/h is over policy.max_usd_per_hour ${self.cap:.2f}"
         if offer.gpu == "managed":
-            return None  # a managed API sizes its own hardware
+            return None  # a managed API sizes its own hardware and keeps its own checkpoints
+        if self.store_local and not offer.on_premises:
+            return "checkpoints go to a local folder; remote capacity needs checkpoint.store: s3://bucket/prefix"
+
         if offer.gpu_count == 0:
             if self.gpus > 0 and self.device == "cuda":
                 return f"the job needs {self.gpus} GPU(s) (device: cuda); this offer is CPU only"
@@ -206,6 +212,7 @@ def rank(
     rejected: list[tuple[Any, ...]] = []
     allowed, restricted, cap, floor = checker.allowed, checker.restricted, checker.cap, checker.vram_floor
     spot_never, spot_only, gpus_needed = checker.spot == "never", checker.spot == "only", checker.gpus
+    store_local = checker.store_local
     for i, offer in enumerate(offers):
         # fast path for the common case; the checker says why (the one place messages live)
         if (
@@ -214,6 +221,7 @@ def rank(
             or (spot_never and offer.interruptible)
             or (spot_only and not offer.interruptible)
             or (cap is not None and offer.usd_per_hour > cap)
+            or (store_local and not offer.on_premises)
             or offer.gpu_count < gpus_needed
             or (offer.vram_gb and offer.vram_gb < floor)
             or not offer.gpu_count

@@ -111,6 +111,21 @@ class LaunchRequest:
     cpus: int
     log_path: str
     env: dict[str, str] = field(default_factory=dict)
+    # Credentials the payload needs (e.g. for the checkpoint store). Providers pass them through
+    # their secret channel (SkyPilot ``secrets``, never ``envs``); nobody logs or stores them.
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def payload_env(self) -> dict[str, str]:
+        """The environment that runs ``python -m jobs.train`` for this attempt (secrets excluded)."""
+        import json
+
+        return {
+            "TUNEFLEET_JOB_ID": self.job_id,
+            "TUNEFLEET_ATTEMPT_ID": self.attempt_id,
+            "TUNEFLEET_STORE": self.store_uri,
+            "TUNEFLEET_SPEC_JSON": json.dumps(self.spec),
+            **self.env,
+        }
 
 
 # ---- one error tree; the daemon maps each class to an action ----

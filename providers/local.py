@@ -275,17 +275,11 @@ class LocalRayProvider(Provider):
 
     # ---- attempts ----
     def launch(self, request: LaunchRequest, offer: Offer) -> dict[str, Any]:
-        import json
-
         self._connect()
         runner = _runner_class()
-        argv = [
-            self.python, "-m", "jobs.train",
-            "--store", request.store_uri,
-            "--job-id", request.job_id,
-            "--attempt-id", request.attempt_id,
-        ]
-        env = {"TUNEFLEET_SPEC_JSON": json.dumps(request.spec), **request.env}
+        argv = [self.python, "-m", "jobs.train"]
+        # secrets travel with the actor call (Ray's object store), never through logs
+        env = {**request.payload_env(), **request.secrets}
         try:
             actor = runner.options(
                 name=request.attempt_id,

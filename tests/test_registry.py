@@ -95,6 +95,7 @@ def test_providers_command_explains_each_provider(offline_home):
 def test_offers_command_ranks_snapshot_prices_without_any_account(offline_home, tmp_path):
     job = tmp_path / "open.yaml"
     text = EXAMPLE.read_text().replace("data: restricted", "data: open")
+    text = text.replace("checkpoint:\n", "checkpoint:\n  store: s3://team-ckpt/tunefleet\n")
     text = text.replace("path: data/", f"path: {EXAMPLE.parent}/data/")
     job.write_text(text)
     rows = json.loads(tf(offline_home, "offers", str(job), "--json", "--all", check=True).stdout)

@@ -37,7 +37,7 @@ def job(**policy) -> dict:
         "datasets": [{"path": str(DATA), "type": "alpaca"}],
         "resources": {"gpus": 1, "gpu_vram_gb": "auto", "device": "auto"},
         "policy": policy,
-        "checkpoint": {"interval": None, "keep": 3},
+        "checkpoint": {"store": "s3://ckpt/jobs", "interval": None, "keep": 3},
     }
 
 
@@ -200,6 +200,15 @@ def test_rejections_name_their_reason():
     assert not restricted.viable and "restricted" in restricted.reason
     broke = rank(job(max_usd=0.01), EST, [offer()], now=NOW)[0]
     assert not broke.viable and "max_usd" in broke.reason
+
+
+def test_a_local_checkpoint_folder_keeps_the_job_on_premises():
+    spec = job()
+    spec["checkpoint"]["store"] = "file:///var/ckpt"
+    remote, local = offer("vast", "A100-80GB", 1.0), offer("local", "RTX4090", 0.05, on_premises=True, owned=True)
+    placements = {p.offer.provider: p for p in rank(spec, EST, [remote, local], now=NOW)}
+    assert placements["local"].viable
+    assert not placements["vast"].viable and "s3://" in placements["vast"].reason
 
 
 def test_managed_api_costs_its_quoted_price_and_resumed_work_is_not_paid_twice():
