@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -35,6 +36,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
+UPLOAD_DRAIN_S = float(os.environ.get("TUNEFLEET_UPLOAD_DRAIN_S", "600"))
 
 
 class _Preemption:
@@ -96,16 +98,19 @@ class Progress:
         self.store, self.job_id = store, job_id
         self.doc: dict[str, Any] = {"attempt_id": attempt_id, "state": "starting", "step": 0}
         self._last = 0.0
+        self._lock = threading.Lock()
 
     def update(self, force: bool = False, **fields: Any) -> None:
-        self.doc.update(fields)
-        now = time.time()
-        if not force and now - self._last < 0.5:
-            return
-        self._last = now
-        self.doc["updated_at"] = now
+        with self._lock:  # the training loop and the upload thread both report
+            self.doc.update(fields)
+            now = time.time()
+            if not force and now - self._last < 0.5:
+                return
+            self._last = now
+            self.doc["updated_at"] = now
+            doc = dict(self.doc)
         try:
-            self.store.write_json(self.job_id, "progress.json", self.doc)
+            self.store.write_json(self.job_id, "progress.json", doc)
         except Exception as exc:  # progress is advisory; checkpoints are what matter
             print(f"[tunefleet] progress write failed: {exc}", file=sys.stderr, flush=True)
 
@@ -185,7 +190,58 @@ def find_resume_point(store, job_id: str, work_dir: Path) -> tuple[Path | None, 
     return None, 0
 
 
-def _make_callback(store, spec, job_id: str, attempt_id: str, progress: Progress, tokens_per_step: float):
+class Uploader:
+    """Commits checkpoints in the background, in order, so training never waits for the network.
+
+    Each checkpoint folder is first hard-linked into a staging folder (instant, and immune to the
+    Trainer rotating the original away); one worker thread uploads and commits them oldest first
+    and applies retention. ``drain`` waits for everything queued, with a deadline: before the
+    final adapter, and when SIGTERM asks to save and leave.
+    """
+
+    def __init__(self, store, job_id: str, keep: int, progress: Progress, staging: Path):
+        import concurrent.futures as cf
+
+        self.store, self.job_id, self.keep, self.progress = store, job_id, keep, progress
+        self.staging = staging
+        self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
+        self.futures: list = []
+        self.committed: list[int] = []
+        self.upload_s = 0.0
+
+    def submit(self, step: int, folder: Path, meta: dict[str, Any]) -> None:
+        snap = self.staging / f"checkpoint-{step}"
+        shutil.rmtree(snap, ignore_errors=True)
+        try:
+            shutil.copytree(folder, snap, copy_function=os.link)
+        except OSError:  # another filesystem: copy instead
+            shutil.rmtree(snap, ignore_errors=True)
+            shutil.copytree(folder, snap)
+        self.futures.append(self.pool.submit(self._commit, step, snap, meta))
+
+    def _commit(self, step: int, snap: Path, meta: dict[str, Any]) -> None:
+        t0 = time.monotonic()
+        ref = self.store.commit_checkpoint(self.job_id, step, snap, meta=meta)
+        self.store.apply_retention(self.job_id, self.keep)
+        shutil.rmtree(snap, ignore_errors=True)
+        self.upload_s += time.monotonic() - t0
+        self.committed.append(step)
+        self.progress.update(force=True, checkpoint_step=ref.step, checkpoint_uri=ref.uri)
+        print(f"[tunefleet] committed checkpoint {ref.step} -> {ref.uri}", file=sys.stderr, flush=True)
+
+    def drain(self, timeout_s: float | None = None) -> None:
+        """Wait for every queued commit; re-raise the first upload error (a lost checkpoint is fatal)."""
+        import concurrent.futures as cf
+
+        done, pending = cf.wait(self.futures, timeout=timeout_s)
+        if pending:
+            raise TimeoutError(f"{len(pending)} checkpoint upload(s) still running after {timeout_s} s")
+        for fut in done:
+            fut.result()
+        self.futures = []
+
+
+def _make_callback(uploader: Uploader, attempt_id: str, progress: Progress, tokens_per_step: float):
     from transformers import TrainerCallback
 
     class StoreCallback(TrainerCallback):
@@ -228,13 +284,8 @@ def _make_callback(store, spec, job_id: str, attempt_id: str, progress: Progress
 
         def on_save(self, args, state, control, **kw):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            ref = store.commit_checkpoint(
-                job_id, state.global_step, folder,
-                meta={"attempt_id": attempt_id, "loss": self.loss, "eval_loss": self.eval_loss},
-            )
-            store.apply_retention(job_id, spec.checkpoint.keep)
-            progress.update(force=True, step=state.global_step, checkpoint_step=ref.step, checkpoint_uri=ref.uri)
-            print(f"[tunefleet] committed checkpoint {ref.step} -> {ref.uri}", file=sys.stderr, flush=True)
+            uploader.submit(state.global_step, folder,
+                            {"attempt_id": attempt_id, "loss": self.loss, "eval_loss": self.eval_loss})
 
     return StoreCallback()
 
@@ -332,11 +383,18 @@ def train(ns: argparse.Namespace) -> int:
     for param in model.parameters():
         if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
             param.data = param.data.float()
-    callback = _make_callback(store, spec, job_id, ns.attempt_id, progress, batch * mean_len)
+    uploader = Uploader(store, job_id, spec.checkpoint.keep, progress, work_dir / "staging")
+    callback = _make_callback(uploader, ns.attempt_id, progress, batch * mean_len)
     trainer.add_callback(callback)
 
-    result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    finally:
+        # whatever happened, what was saved gets committed (SIGTERM: within the grace period)
+        uploader.drain(timeout_s=UPLOAD_DRAIN_S)
     step = trainer.state.global_step
+    print(f"[tunefleet] checkpoint uploads took {uploader.upload_s:.2f} s in the background",
+          file=sys.stderr, flush=True)
     if PREEMPTION.requested:
         progress.update(force=True, state="preempted", step=step)
         print(f"[tunefleet] preempted at step {step}; checkpoint committed, exiting {EXIT_PREEMPTED}",
@@ -352,6 +410,9 @@ def train(ns: argparse.Namespace) -> int:
     meta = {
         "step": step,
         "train_loss": float(result.training_loss) if result.training_loss is not None else None,
+        "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
+        "checkpoint_upload_s": round(uploader.upload_s, 3),
+        "checkpoints_committed": uploader.committed,
         "final_loss": callback.loss,
         "eval_loss": eval_loss,
         "attempt_id": ns.attempt_id,
