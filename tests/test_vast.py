@@ -8,7 +8,10 @@ provider builds is checked field by field, as the server sees it.
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,8 +23,19 @@ from typing import Any
 import pytest
 
 from jobs.estimate import Estimate, ModelShape
-from providers.base import LaunchFailed, LaunchRequest, PriceSource, RunState
-from providers.vast import OUTBID_PER_HOUR, SNAPSHOT_PATH, VastProvider, hazard_per_hour
+from providers.base import (
+    LaunchFailed,
+    LaunchRequest,
+    NoCapacity,
+    Offer,
+    PriceSource,
+    ProviderUnavailable,
+    RunState,
+    RunStatus,
+    TransientError,
+)
+from providers.vast import OUTBID_PER_HOUR, SNAPSHOT_PATH, VastProvider, hazard_per_hour, map_status
+from tests.vast_stub import VastStub, offer_row
 
 KEY = "vk-test-SECRET-0123456789abcdef"
 SNAPSHOT_DATE = json.loads(SNAPSHOT_PATH.read_text())["date"]
@@ -368,16 +382,303 @@ def test_concurrent_callers_search_once(server: VastServer) -> None:
     assert results == [6, 6, 6, 6] and len(server.requests) == 2
 
 
-# --- not launchable yet ------------------------------------------------------------------------
+# --- renting, against tests/vast_stub.py ---------------------------------------------------------
+
+SECRETS = {"AWS_SECRET_ACCESS_KEY": "aws-SECRET-value-42", "HF_TOKEN": "hf-SECRET-token-77"}
+ATTEMPT = "job-1-a1"
 
 
-def test_quotes_only() -> None:
-    offer = VastProvider().offers(spec(), estimate(20.0))[0]  # no key: from the snapshot
-    prov = VastProvider(api_key=KEY)
-    assert prov.name == "vast" and prov.launchable is False
-    req = LaunchRequest(job_id="j", attempt_id="a", spec={}, store_uri="file:///x", gpus=1, cpus=1, log_path="/x")
-    with pytest.raises(LaunchFailed, match="arrives with the SkyPilot/Vast launch work") as info:
-        prov.launch(req, offer)
-    assert KEY not in str(info.value)
-    assert prov.poll({}).state is RunState.UNKNOWN
-    assert prov.cancel({}) is None
+@pytest.fixture
+def stub() -> Iterator[VastStub]:
+    asks = [offer_row(101, "RTX 4090", dph_total=0.40, min_bid=0.30),
+            offer_row(103, "A100 SXM4", gpu_ram=81920, dph_total=1.20, min_bid=0.85)]
+    with VastStub(offers={"on-demand": asks, "bid": asks}, api_key=KEY) as s:
+        yield s
+
+
+def renter(stub: VastStub, **kw: Any) -> VastProvider:
+    return VastProvider(api_key=KEY, url=stub.url, verify_wait_s=0.0, cache_ttl_s=0.0, **kw)
+
+
+def request(attempt_id: str = ATTEMPT, secrets: dict[str, str] | None = None) -> LaunchRequest:
+    return LaunchRequest(job_id="job-1", attempt_id=attempt_id, spec=spec(), store_uri="s3://bucket/runs", gpus=1,
+                         cpus=4, log_path="/tmp/x.log", env={"HF_HOME": "/cache"},
+                         secrets=dict(SECRETS if secrets is None else secrets))
+
+
+def pick(prov: VastProvider, offer_id: str) -> Offer:
+    (offer,) = [o for o in prov.offers(spec(), estimate(20.0)) if o.offer_id == offer_id]
+    return offer
+
+
+def assert_no_secret(*texts: str) -> None:
+    for text in texts:
+        for secret in (KEY, *SECRETS.values()):
+            assert secret not in text
+
+
+def test_bid_rental_rents_the_ask_at_the_bid(stub: VastStub, capfd: pytest.CaptureFixture[str]) -> None:
+    prov = renter(stub)
+    assert prov.launchable is True
+    offer = pick(prov, "101:bid")
+    handle = prov.launch(request(), offer)
+    (put,) = stub.calls("PUT")
+    assert put.path == "/api/v0/asks/101/" and put.headers["Authorization"] == f"Bearer {KEY}"
+    body = put.body
+    assert body["price"] == pytest.approx(0.30) == offer.usd_per_hour  # the scheduler's bid
+    assert body["label"] == ATTEMPT and body["client_id"] == "me" and body["disk"] == prov.disk_gb
+    assert body["image"] == "pytorch/pytorch:2.4.0-cuda12.1-cudnn9-runtime"
+    assert body["runtype"] == "args" and body["onstart"] == "bash" and body["args"][0] == "-c"
+    assert "pip install" in body["args"][1] and "'tunefleet[train]'" in body["args"][1]
+    assert body["args"][1].rstrip().endswith("exec python -m jobs.train")
+    env = body["env"]
+    assert env["TUNEFLEET_JOB_ID"] == "job-1" and env["TUNEFLEET_ATTEMPT_ID"] == ATTEMPT
+    assert env["TUNEFLEET_STORE"] == "s3://bucket/runs" and json.loads(env["TUNEFLEET_SPEC_JSON"]) == spec()
+    assert env["HF_HOME"] == "/cache" and all(env[k] == v for k, v in SECRETS.items())
+    iid = handle["instance_id"]
+    assert stub.env_of(iid)["HF_TOKEN"] == SECRETS["HF_TOKEN"]  # the machine gets them
+    assert handle == {"instance_id": iid, "ask_id": 101, "bid": pytest.approx(0.30), "gpu": "RTX4090", "num_gpus": 1}
+    # verified right after the rent, through show instance
+    show = stub.calls("GET", f"/api/v0/instances/{iid}/")
+    assert show and show[0].query == {"owner": "me"} and stub.requests.index(show[0]) > stub.requests.index(put)
+    assert stub.destroyed == [] and prov.poll(handle).state is RunState.RUNNING
+    out, err = capfd.readouterr()
+    assert_no_secret(json.dumps(handle), out, err)
+
+
+def test_on_demand_rental_sends_no_price(stub: VastStub) -> None:
+    prov = renter(stub, image="my/image:1", package_spec="tunefleet[train] @ https://example.com/t.whl")
+    handle = prov.launch(request(), pick(prov, "103"))
+    (put,) = stub.calls("PUT")
+    assert put.path == "/api/v0/asks/103/" and "price" in put.body and put.body["price"] is None
+    assert put.body["image"] == "my/image:1" and "'tunefleet[train] @ https://example.com/t.whl'" in put.body["args"][1]
+    assert handle["bid"] is None and handle["gpu"] == "A100-80GB" and handle["ask_id"] == 103
+    assert stub.instances[handle["instance_id"]]["is_bid"] is False
+
+
+def test_wrong_gpu_is_refused_and_destroyed(stub: VastStub, capfd: pytest.CaptureFixture[str]) -> None:
+    stub.wrong_gpu = "RTX 3090"  # what SkyPilot's dropped filters can rent
+    prov = renter(stub)
+    chosen = r"rented 1x RTX3090 .*instead of the chosen 1x RTX4090.*destroyed it"
+    with pytest.raises(LaunchFailed, match=chosen) as info:
+        prov.launch(request(), pick(prov, "101:bid"))
+    (delete,) = stub.calls("DELETE")
+    assert stub.destroyed == [7001] and delete.path == "/api/v0/instances/7001/" and stub.instances == {}
+    out, err = capfd.readouterr()
+    assert_no_secret(str(info.value), out, err)
+
+
+@pytest.mark.parametrize(
+    ("offer_id", "change", "why"),
+    [
+        ("101:bid", {"ignore_bid": True}, "on-demand, not interruptible"),  # the spot request sent on demand
+        ("101:bid", {"rent_overrides": {"num_gpus": 2}}, "2 GPUs, not 1"),
+        ("101", {"rent_overrides": {"machine_id": 999}}, "machine 999, not 1010"),
+        ("101:bid", {"rent_overrides": {"bid_price": 0.90, "dph_total": 0.90}}, r"\$0.9000/h, not \$0.3000/h"),
+        ("101", {"rent_overrides": {"is_bid": True}}, "interruptible, not on-demand"),
+        ("103", {"rent_overrides": {"gpu_ram": 40960}}, "GPU A100, not A100-80GB"),
+        ("101", {"rent_overrides": {"gpu_name": None}}, "no GPU model reported"),
+        ("101", {"rent_overrides": {"dph_total": None}}, "no price reported"),
+    ],
+)
+def test_any_other_rental_is_destroyed(stub: VastStub, offer_id: str, change: dict[str, Any], why: str) -> None:
+    for name, value in change.items():
+        setattr(stub, name, value)
+    prov = renter(stub)
+    with pytest.raises(LaunchFailed, match=why):
+        prov.launch(request(), pick(prov, offer_id))
+    assert stub.destroyed == [7001] and stub.instances == {}
+
+
+def test_unverifiable_rental_is_destroyed(stub: VastStub) -> None:
+    stub.fail("GET", "/api/v0/instances/", 503, times=3)
+    with pytest.raises(TransientError, match="could not verify Vast.ai instance 7001.*destroyed it"):
+        renter(stub).launch(request(), pick(renter(stub), "101"))
+    assert stub.destroyed == [7001]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "headers", "error", "match"),
+    [
+        (200, {"success": False, "msg": "no longer available"}, {}, NoCapacity, "did not rent ask 101: no longer"),
+        (200, {"success": True}, {}, LaunchFailed, "no 'new_contract'"),
+        (404, {"success": False, "error": "no_such_ask"}, {}, NoCapacity, "no longer available"),
+        (400, {"success": False, "error": "invalid_args", "msg": "bad env aws-SECRET-value-42"}, {},
+         LaunchFailed, r"HTTP 400 .*bad env \*\*\*"),
+        (429, {"success": False}, {"Retry-After": "7"}, TransientError, "HTTP 429"),
+        (502, {"success": False}, {}, TransientError, "HTTP 502"),
+        (401, {"success": False, "error": "invalid_api_key"}, {}, ProviderUnavailable, "rejected the API key"),
+    ],
+)
+def test_rent_answers(stub: VastStub, status: int, body: dict[str, Any], headers: dict[str, str],
+                      error: type[Exception], match: str) -> None:
+    prov = renter(stub)
+    offer = pick(prov, "101")
+    stub.fail("PUT", "/api/v0/asks/", status, body=body, headers=headers)
+    with pytest.raises(error, match=match) as info:
+        prov.launch(request(), offer)
+    assert_no_secret(str(info.value))
+    if status == 429:
+        assert info.value.retry_after_s == 7.0  # type: ignore[attr-defined]
+    assert stub.instances == {}
+
+
+def test_an_ask_rented_already_is_no_capacity(stub: VastStub) -> None:
+    prov = renter(stub)
+    offer = pick(prov, "101")
+    prov.launch(request("a1"), offer)
+    with pytest.raises(NoCapacity, match="ask 101 is no longer available"):
+        prov.launch(request("a2"), offer)
+
+
+def test_a_lost_rent_answer_is_found_and_destroyed(stub: VastStub) -> None:
+    prov = renter(stub)
+    offer = pick(prov, "101")
+    stub.rent_answer_delay_s = 1.0  # the rental happens; its answer comes after the client gave up
+    with pytest.raises(TransientError, match="timed out"):
+        VastProvider(api_key=KEY, url=stub.url, timeout_s=0.3).launch(request(), offer)
+    assert stub.destroyed == [7001]
+    (listing,) = stub.calls("GET", "/api/v1/instances/")
+    assert json.loads(listing.query["select_filters"]) == {"label": {"in": [ATTEMPT]}}
+
+
+def test_launch_refuses_what_it_cannot_rent(stub: VastStub, monkeypatch: pytest.MonkeyPatch) -> None:
+    snapshot_offer = VastProvider().offers(spec(), estimate(20.0))[0]  # no key: from the snapshot
+    with pytest.raises(NoCapacity, match="snapshot price"):
+        renter(stub).launch(request(), snapshot_offer)
+    live_offer = pick(renter(stub), "101")
+    with pytest.raises(LaunchFailed, match="clashing: \\['TUNEFLEET_STORE'\\]"):
+        renter(stub).launch(request(secrets={"TUNEFLEET_STORE": "x"}), live_offer)
+    with pytest.raises(LaunchFailed, match="malformed: \\['-p 22:22'\\]"):
+        renter(stub).launch(request(secrets={"-p 22:22": "1"}), live_offer)
+    with pytest.raises(ProviderUnavailable, match="no Vast.ai API key"):
+        VastProvider(url=stub.url).launch(request(), live_offer)
+    assert stub.calls("PUT") == []
+
+
+# --- poll / cancel / release / handle_for ---
+
+
+@pytest.mark.parametrize(
+    ("raw", "state"),
+    [("loading", RunState.PENDING), ("created", RunState.PENDING), (None, RunState.PENDING),
+     ("running", RunState.RUNNING), ("stopped", RunState.LOST), ("offline", RunState.LOST),
+     ("exited", RunState.EXITED), ("frobnicating", RunState.UNKNOWN), (42, RunState.UNKNOWN)],
+)
+def test_status_mapping_is_total(raw: Any, state: RunState) -> None:
+    status = map_status({"actual_status": raw})
+    assert status.state is state
+    assert status.exit_code is None
+    assert map_status(None).state is RunState.LOST
+
+
+def test_poll_follows_the_instance(stub: VastStub) -> None:
+    prov = renter(stub)
+    stub.status_on_rent = "loading"
+    handle = prov.launch(request(), pick(prov, "101:bid"))
+    iid = handle["instance_id"]
+    assert prov.poll(handle).state is RunState.PENDING
+    stub.set_status(iid, "running")
+    assert prov.poll(handle).state is RunState.RUNNING
+    stub.fail("GET", f"/api/v0/instances/{iid}/", 503)
+    assert prov.poll(handle).state is RunState.UNKNOWN  # transient: ask again later
+    stub.set_status(iid, "frobnicating")
+    assert prov.poll(handle).state is RunState.UNKNOWN
+    stub.set_status(iid, "exited")
+    assert prov.poll(handle) == RunStatus(RunState.EXITED, exit_code=None, detail="the container exited")
+    stub.outbid(iid)
+    lost = prov.poll(handle)
+    assert lost.state is RunState.LOST and lost.detail.startswith("paused: outbid or host lost")
+    del stub.instances[iid]
+    assert prov.poll(handle).state is RunState.LOST  # 404
+    stub.gone_as_null = True
+    assert prov.poll(handle).state is RunState.LOST  # {"instances": null}
+    assert prov.poll({}).state is RunState.LOST
+    url = stub.url
+    stub.stop()  # nothing listens there now
+    assert VastProvider(api_key=KEY, url=url, timeout_s=0.5).poll(handle).state is RunState.UNKNOWN
+
+
+def test_cancel_is_idempotent_and_release_destroys_a_paused_instance(stub: VastStub) -> None:
+    prov = renter(stub)
+    first = prov.launch(request("a1"), pick(prov, "101:bid"))
+    prov.cancel(first, grace_s=30.0)
+    prov.cancel(first)  # gone already: 404 is fine
+    assert stub.destroyed == [first["instance_id"]] and len(stub.calls("DELETE")) == 2
+    prov.cancel({})
+    second = prov.launch(request("a2"), pick(prov, "103:bid"))
+    stub.fail("DELETE", "/api/v0/instances/", 503)
+    with pytest.raises(TransientError):
+        prov.cancel(second)  # the daemon asks again
+    stub.outbid(second["instance_id"])  # paused, its disk still billing
+    prov.release(second)
+    assert stub.destroyed == [first["instance_id"], second["instance_id"]] and stub.instances == {}
+    prov.release(second)  # again: fine
+    stub.fail("DELETE", "/api/v0/instances/", 500, times=2)
+    prov.release({"instance_id": 12345})  # never raises
+
+
+def test_handle_for_finds_the_instance_by_label(stub: VastStub) -> None:
+    prov = renter(stub)
+    launched = prov.launch(request("job-1-a1"), pick(prov, "101:bid"))
+    prov.launch(request("job-1-a2"), pick(prov, "103"))
+    assert prov.handle_for("job-1-a1") == launched
+    (listing,) = stub.calls("GET", "/api/v1/instances/")
+    assert json.loads(listing.query["select_filters"]) == {"label": {"in": ["job-1-a1"]}}
+    assert prov.handle_for("job-1-a9") is None
+    stub.ignore_list_filters = True  # a server ignoring the filter: labels are checked here
+    assert prov.handle_for("job-1-a1") == launched and prov.handle_for("job-1-a9") is None
+    stub.fail("GET", "/api/v1/instances/", 503)
+    with pytest.raises(TransientError):
+        prov.handle_for("job-1-a1")  # None would read as "never launched"
+
+
+def test_handle_for_reads_every_page(stub: VastStub) -> None:
+    for iid in range(1, 61):  # 60 rows, the newest one ours: three pages of 25
+        stub.instances[iid] = {"id": iid, "label": ATTEMPT if iid in (5, 60) else "other", "gpu_name": "RTX 4090",
+                               "num_gpus": 1, "is_bid": False, "dph_total": 0.4}
+    stub.ignore_list_filters = True
+    handle = renter(stub).handle_for(ATTEMPT)
+    assert handle is not None and handle["instance_id"] == 60 and handle["gpu"] == "RTX4090"
+    assert len(stub.calls("GET", "/api/v1/instances/")) == 3
+
+
+# --- the stub's runner: a local process plays the rented machine ---
+
+
+def test_runner_plays_the_machine(stub: VastStub) -> None:
+    procs: dict[int, subprocess.Popen[bytes]] = {}
+    seen: dict[int, tuple[dict[str, str], str]] = {}
+
+    def runner(iid: int, env: dict[str, str], script: str) -> subprocess.Popen[bytes]:
+        seen[iid] = (env, script)
+        slow = env["TUNEFLEET_ATTEMPT_ID"].endswith("slow")
+        code = "import time; time.sleep(60)" if slow else "import sys; sys.exit(3)"
+        procs[iid] = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env})
+        return procs[iid]
+
+    stub.runner, stub.stopper = runner, lambda iid: procs[iid].kill()
+    try:
+        prov = renter(stub)
+        quick = prov.launch(request("a-quick"), pick(prov, "101"))
+        env, script = seen[quick["instance_id"]]
+        assert env["HF_TOKEN"] == SECRETS["HF_TOKEN"] and "exec python -m jobs.train" in script
+        procs[quick["instance_id"]].wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while prov.poll(quick).state is not RunState.EXITED and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert prov.poll(quick) == RunStatus(RunState.EXITED, exit_code=None, detail="the container exited")
+        assert stub.exit_codes[quick["instance_id"]] == 3
+
+        slow = prov.launch(request("a-slow"), pick(prov, "103:bid"))
+        stub.outbid(slow["instance_id"])  # stopper kills the process; the instance is paused, not exited
+        assert procs[slow["instance_id"]].wait(timeout=10) != 0
+        deadline = time.monotonic() + 10
+        while slow["instance_id"] not in stub.exit_codes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stub.instances[slow["instance_id"]]["actual_status"] == "stopped"
+        assert prov.poll(slow).state is RunState.LOST
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait(timeout=10)
