@@ -32,7 +32,7 @@ from jobs.estimate import estimate
 from orchestrator.scheduler import rank
 from orchestrator.states import AttemptState, JobState
 from orchestrator.store import AttemptRow, InvalidTransition, JobRow, Store
-from providers.base import LaunchRequest, Provider, ProviderError, RunState, RunStatus
+from providers.base import LaunchRequest, PriceSource, Provider, ProviderError, RunState, RunStatus
 from providers.registry import build_providers, gather_offers
 
 EXIT_PREEMPTED = 75  # mirrors jobs.train.EXIT_PREEMPTED (the payload's side of the contract)
@@ -247,9 +247,8 @@ class Daemon:
         if outcome.state is AttemptState.SUCCEEDED and final is None:
             outcome = _Outcome(AttemptState.FAILED, "payload exited 0 but no final adapter was committed")
         end_step = int((progress or {}).get("step") or (latest.step if latest else att.start_step))
-        if att.usd_per_hour > 0:
-            held_h = max(0.0, now - (att.started_at or att.created_at)) / 3600
-            self.store.add_spend(job.id, att.id, provider=att.provider, usd=att.usd_per_hour * held_h)
+        held_h = max(0.0, now - (att.started_at or att.created_at)) / 3600
+        spend = att.usd_per_hour * held_h if att.usd_per_hour > 0 else None
         reason = outcome.reason
         if outcome.state is AttemptState.FAILED and (tail := _log_tail(att.log_path)):
             reason = f"{reason}\n--- last lines of {att.log_path} ---\n{tail}"
@@ -258,7 +257,7 @@ class Daemon:
             message=outcome.reason,
             data={"exit_code": exit_code, "end_step": end_step,
                   "checkpoint_step": latest.step if latest else None},
-            exit_code=exit_code, end_reason=reason, end_step=end_step,
+            exit_code=exit_code, end_reason=reason, end_step=end_step, spend_usd=spend,
         )
         self._record_throughput(att, job, progress)
         prov = self.providers.get(att.provider)
@@ -364,9 +363,11 @@ class Daemon:
             providers = {n: p for n, p in self.providers.items() if not allowed or n in allowed}
             est = self._estimate(job)
             result = gather_offers(providers, job.spec, est)
+            # a snapshot price is a quote, not something that can be rented (no credentials)
+            rentable = [o for o in result.offers if o.price_source is not PriceSource.SNAPSHOT]
             latest = self._ckpt_store(job).latest_checkpoint(job.id)
             placements = rank(
-                job.spec, est, result.offers, now=now, avoid=self._avoid, spent_usd=job.cost_usd,
+                job.spec, est, rentable, now=now, avoid=self._avoid, spent_usd=job.cost_usd,
                 done_steps=latest.step if latest else 0,
             )
             viable = [p for p in placements if p.viable]

@@ -919,9 +919,14 @@ class Store:
         message: str,
         data: dict[str, Any] | None = None,
         expect: Iterable[AttemptState] | None = None,
+        spend_usd: float | None = None,
         **fields: Any,
     ) -> AttemptRow:
         """Compare-and-set an attempt's state, set ``fields``, and append one event.
+
+        ``spend_usd`` (only when moving to a terminal state) records what the attempt cost in the
+        same transaction, so a daemon killed at any moment records each attempt's spend exactly
+        once: either the attempt ended with its spend, or it is still live and will end again.
 
         ``fields`` may be: handle (a dict, or None to clear it), started_at, ended_at,
         exit_code, end_reason, end_step, log_path. Terminal attempt states are final.
@@ -941,6 +946,10 @@ class Store:
             else:
                 columns[key] = value
         extra = json.loads(_dump_dict(data if data is not None else {}, "data"))
+        if spend_usd is not None:
+            spend_usd = float(spend_usd)
+            if not math.isfinite(spend_usd) or spend_usd < 0 or not to.terminal:
+                raise ValueError(f"spend_usd must be finite, >= 0 and only on a terminal move, not {spend_usd!r}")
         now = self._now()
         with self._write() as c:
             att = self._fetch_attempt(c, attempt_id)
@@ -965,6 +974,13 @@ class Store:
                 (to.value, *columns.values(), attempt_id),
             )
             c.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (now, att.job_id))
+            if spend_usd:
+                c.execute("UPDATE jobs SET cost_usd = cost_usd + ? WHERE id = ?", (spend_usd, att.job_id))
+                c.execute(
+                    "INSERT INTO spend (ts, job_id, attempt_id, provider, usd, kind) VALUES (?, ?, ?, ?, ?, ?)",
+                    (now, att.job_id, attempt_id, att.provider, spend_usd, "compute"),
+                )
+                extra = {**extra, "spend_usd": spend_usd}
             event_data = {"from": att.state.value, "to": to.value, **extra}
             self._insert_event(
                 c,

@@ -66,7 +66,8 @@ def test_unknown_provider_names_get_a_suggestion():
 def test_daemon_only_gets_providers_that_can_launch(tmp_path, monkeypatch):
     monkeypatch.setenv("TUNEFLEET_HOME", str(tmp_path))
     built, broken = build_providers(load_config(), launchable_only=True, light=True)
-    assert set(built) == {"local"} and not broken
+    assert set(built) == {"local", "vast", "skypilot"} and not broken
+    assert all(p.launchable for p in built.values())
 
 
 @pytest.fixture
@@ -89,7 +90,7 @@ def test_providers_command_explains_each_provider(offline_home):
     assert "snapshot" in by_name["vast"]["reason"]
     assert not by_name["together"]["enabled"] and "TOGETHER_API_KEY" in by_name["together"]["reason"]
     assert not by_name["skypilot"]["enabled"] and "catalog" in by_name["skypilot"]["reason"]
-    assert all(not r["launchable"] for n, r in by_name.items() if n != "local")
+    assert [n for n, r in by_name.items() if r["launchable"]] == ["local", "vast", "skypilot"]
 
 
 def test_offers_command_ranks_snapshot_prices_without_any_account(offline_home, tmp_path):
