@@ -17,6 +17,7 @@ checkpoints go by default must be the same for every command that talks to the s
     local_gpu_watts: 350
     local_cpu_watts: 65               # when a job runs on the CPU
     usd_per_kwh: 0.15
+    budget_monthly_usd: 500           # global cap on recorded spend per calendar month (UTC)
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Config:
     local_cpu_watts: float = 65.0
     usd_per_kwh: float = 0.15
     launch_timeout_s: float = 900.0
+    budget_monthly_usd: float | None = None
 
     @property
     def db_path(self) -> Path:

@@ -314,6 +314,70 @@ def preempt(
         console.print(f"{job_id}: {'SIGKILL' if hard else 'SIGTERM'} requested for attempt {att.seq}; the daemon delivers it")
 
 
+@app.command()
+def resume(
+    job: str,
+    max_usd: Annotated[float | None, typer.Option(help="Raise the job's policy.max_usd to this.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Queue a job stopped by its budget again (from its newest checkpoint), optionally raising its cap."""
+    from orchestrator.store import InvalidTransition
+
+    config = _config()
+    with _store(config) as store:
+        job_id = _job_id(store, job)
+        row = store.get_job(job_id)
+        spec = dict(row.spec)
+        if max_usd is not None:
+            if max_usd <= row.cost_usd:
+                raise CliError(f"--max-usd {max_usd:.2f} is not above the ${row.cost_usd:.2f} already spent", 2)
+            spec["policy"] = {**(spec.get("policy") or {}), "max_usd": max_usd}
+        try:
+            row = store.resume_stopped(job_id, spec)
+        except InvalidTransition as exc:
+            raise CliError(str(exc)) from None
+    if json_out:
+        _emit_json({"id": job_id, "state": row.state.value, "max_usd": (spec.get("policy") or {}).get("max_usd")})
+    else:
+        console.print(f"{job_id}: queued again; it resumes from its newest checkpoint")
+
+
+@app.command()
+def spend(
+    by: Annotated[str, typer.Option(help="Group by: job, sweep, provider or day.")] = "job",
+    json_out: JsonOpt = False,
+) -> None:
+    """The spend ledger: what was paid, by job, sweep, provider or day, against the monthly budget."""
+    from orchestrator.budget import month_start
+
+    if by not in ("job", "sweep", "provider", "day"):
+        raise CliError(f"--by must be job, sweep, provider or day, not {by!r}", 2)
+    config = _config()
+    with _store(config) as store:
+        rows = store.spend_rows()
+        month = store.spend_since(month_start(time.time()))
+    groups: dict[str, float] = {}
+    for r in rows:
+        key = {"job": r["job_id"], "sweep": r["sweep_id"] or "-", "provider": r["provider"],
+               "day": time.strftime("%Y-%m-%d", time.gmtime(r["ts"]))}[by]
+        groups[key] = groups.get(key, 0.0) + r["usd"]
+    total = sum(groups.values())
+    summary = {"by": by, "groups": [{"key": k, "usd": round(v, 6)} for k, v in sorted(groups.items())],
+               "total_usd": round(total, 6), "this_month_usd": round(month, 6),
+               "monthly_budget_usd": config.budget_monthly_usd}
+    if json_out:
+        _emit_json(summary)
+        return
+    table = Table(box=None, header_style="bold")
+    table.add_column(by.upper())
+    table.add_column("USD", justify="right")
+    for g in summary["groups"]:
+        table.add_row(g["key"], f"{g['usd']:.4f}")
+    console.print(table)
+    cap = f" of ${config.budget_monthly_usd:.2f}" if config.budget_monthly_usd is not None else ""
+    console.print(f"total ${total:.4f}; this month ${month:.4f}{cap}")
+
+
 # ---------------------------------------------------------------- providers / estimate / offers
 @app.command()
 def providers(json_out: JsonOpt = False) -> None:

@@ -29,6 +29,7 @@ from infra.config import Config
 from infra.logging import get_logger
 from infra.storage import CheckpointStore, StorageError, open_store
 from jobs.estimate import estimate
+from orchestrator.budget import Cap, launch_refusal, month_start, must_stop
 from orchestrator.scheduler import rank
 from orchestrator.states import AttemptState, JobState
 from orchestrator.store import AttemptRow, InvalidTransition, JobRow, Store
@@ -77,6 +78,7 @@ class DaemonLock:
 class _Outcome:
     state: AttemptState
     reason: str
+    job_state: JobState | None = None  # set when the job's fate is not implied by the attempt's
 
 
 def classify_exit(code: int | None) -> _Outcome:
@@ -194,6 +196,15 @@ class Daemon:
             prov.cancel(handle, grace_s=self.config.stop_grace_s)
             self._end(att, job, _Outcome(AttemptState.CANCELLED, "cancelled by the user"), None, log)
             return
+        over = self._budget_overrun(att, job)
+        if over is not None:
+            self.store.add_event(job.id, "budget_stop", f"stopping: {over}", attempt_id=att.id,
+                                 data={"usd_per_hour": att.usd_per_hour})
+            log.warning("budget stop", reason=over)
+            prov.cancel(handle, grace_s=self.config.stop_grace_s)  # SIGTERM: save, commit, leave
+            self._end(att, job, _Outcome(AttemptState.CANCELLED, f"stopped by budget: {over}",
+                                         JobState.STOPPED_BUDGET), None, log, self._progress(job, att))
+            return
         if att.preempt_request:
             hard = att.preempt_request == "hard"
             delivered = prov.signal(handle, hard=hard)
@@ -269,7 +280,13 @@ class Daemon:
         job = self.store.get_job(job.id)  # a cancel may have been requested meanwhile
         if job.cancel_requested and outcome.state is not AttemptState.SUCCEEDED:
             outcome = _Outcome(AttemptState.CANCELLED, "cancelled by the user")
-        if outcome.state is AttemptState.SUCCEEDED:
+        if outcome.job_state is JobState.STOPPED_BUDGET:
+            self.store.transition_job(
+                job.id, JobState.STOPPED_BUDGET, kind="stopped_budget", message=outcome.reason,
+                data={"end_step": end_step, "checkpoint_step": latest.step if latest else None},
+                reason=outcome.reason,
+            )
+        elif outcome.state is AttemptState.SUCCEEDED:
             meta = final.meta if final else {}
             self.store.transition_job(
                 job.id, JobState.SUCCEEDED, kind="succeeded",
@@ -344,6 +361,49 @@ class Daemon:
         )
 
     # ---- queued jobs (a queued job's cancel is finished by Store.request_cancel itself) ----
+    # ---- budgets ----
+    def _horizon_s(self) -> float:
+        """How long an attempt may run before the daemon can next stop it (and it has stopped)."""
+        return 2 * self.config.poll_interval_s + self.config.stop_grace_s + 5.0
+
+    def _accrued(self, att: AttemptRow, now: float) -> float:
+        return att.usd_per_hour * max(0.0, now - (att.started_at or att.created_at)) / 3600.0
+
+    def _committed(self, att: AttemptRow, now: float) -> float:
+        created = next((e for e in self.store.events(att.job_id)
+                        if e.kind == "attempt_created" and e.attempt_id == att.id), None)
+        est = (created.data.get("est_usd") if created else None) or 0.0
+        return max(0.0, est - self._accrued(att, now))
+
+    def _monthly_cap(self, now: float, exclude: str | None = None) -> Cap | None:
+        limit = self.config.budget_monthly_usd
+        if limit is None:
+            return None
+        live = [a for a in self.store.live_attempts() if a.id != exclude]
+        return Cap("monthly budget", limit, self.store.spend_since(month_start(now)),
+                   running_usd=sum(self._accrued(a, now) for a in live),
+                   committed_usd=sum(self._committed(a, now) for a in live))
+
+    def _budget_overrun(self, att: AttemptRow, job: JobRow) -> str | None:
+        """Why this running attempt must stop now to keep recorded spend under a cap, or None."""
+        if att.usd_per_hour <= 0:
+            return None
+        now = self.clock()
+        horizon = self._horizon_s()
+        max_usd = (job.spec.get("policy") or {}).get("max_usd")
+        if max_usd is not None:
+            cap = Cap(f"job {job.id} policy.max_usd", max_usd, job.cost_usd, self._accrued(att, now))
+            if must_stop(cap, att.usd_per_hour, horizon):
+                return f"${cap.spent_usd + cap.running_usd:.2f} of its ${max_usd:.2f} cap spent"
+        monthly = self._monthly_cap(now)
+        if monthly is not None:
+            monthly = Cap(monthly.scope, monthly.limit_usd, monthly.spent_usd, monthly.running_usd)
+            # every live attempt keeps accruing over the horizon: stop the ones that push it over
+            rate = sum(a.usd_per_hour for a in self.store.live_attempts())
+            if must_stop(monthly, rate, horizon):
+                return f"the monthly budget ${monthly.limit_usd:.2f} would be crossed"
+        return None
+
     def _estimate(self, job: JobRow):
         if job.id not in self._estimates:
             try:
@@ -380,8 +440,21 @@ class Daemon:
                     self.store.add_event(job.id, "waiting", why, data={"offers": len(placements)})
                     log.warning("job waiting", reason=why)
                 continue
+            chosen = viable[0]
+            monthly = self._monthly_cap(now)
+            refusal = launch_refusal([monthly], chosen.est_usd) if monthly is not None else None
+            if refusal is not None:
+                why, never = refusal
+                if never:
+                    self.store.transition_job(job.id, JobState.FAILED, kind="failed",
+                                              message=f"can never fit: {why}", reason=why)
+                elif self._waiting.get(job.id) != why:
+                    self._waiting[job.id] = why
+                    self.store.add_event(job.id, "waiting", f"budget: {why}")
+                    log.warning("job waiting for budget", reason=why)
+                continue
             self._waiting.pop(job.id, None)
-            self._launch(job, viable[0], log, latest.step if latest else 0, len(viable))
+            self._launch(job, chosen, log, latest.step if latest else 0, len(viable))
 
     def _launch(self, job: JobRow, placement, log, start_step: int, n_viable: int) -> None:
         offer = placement.offer

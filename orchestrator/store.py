@@ -1192,6 +1192,44 @@ class Store:
             out[gpu] = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
         return out
 
+    def spend_since(self, ts: float) -> float:
+        """Everything recorded in the ledger since ``ts`` (the monthly budget's window)."""
+        with self._read() as c:
+            row = c.execute("SELECT COALESCE(SUM(usd), 0) FROM spend WHERE ts >= ?", (ts,)).fetchone()
+        return float(row[0])
+
+    def spend_rows(self) -> list[dict[str, Any]]:
+        """The whole ledger, oldest first, joined with each job's sweep (for ``tunefleet spend``)."""
+        with self._read() as c:
+            rows = c.execute(
+                "SELECT s.ts, s.job_id, s.attempt_id, s.provider, s.usd, s.kind, j.sweep_id"
+                " FROM spend s LEFT JOIN jobs j ON j.id = s.job_id ORDER BY s.id"
+            ).fetchall()
+        keys = ("ts", "job_id", "attempt_id", "provider", "usd", "kind", "sweep_id")
+        return [dict(zip(keys, tuple(r), strict=True)) for r in rows]
+
+    def resume_stopped(self, job_id: str, spec: dict[str, Any]) -> JobRow:
+        """Queue a job stopped by its budget again, with its (raised) spec. The one way out of
+        ``stopped_budget``: every other terminal state stays final."""
+        spec_json = _dump_dict(spec, "spec")
+        now = self._now()
+        with self._write() as c:
+            job = self._fetch_job(c, job_id)
+            if job.state is not JobState.STOPPED_BUDGET:
+                raise InvalidTransition(f"job {job_id} is {job.state.value}; only a job stopped by its budget can be resumed")
+            c.execute(
+                "UPDATE jobs SET state = ?, spec_json = ?, updated_at = ?, reason = NULL, not_before = 0 WHERE id = ?",
+                (JobState.QUEUED.value, spec_json, now, job_id),
+            )
+            self._insert_event(
+                c, job_id=job_id, attempt_id=None, kind="resumed",
+                message="budget raised; queued again, will resume from its newest checkpoint",
+                data_json=json.dumps({"from": job.state.value, "to": "queued",
+                                      "max_usd": (spec.get("policy") or {}).get("max_usd")}),
+                ts=now,
+            )
+            return self._fetch_job(c, job_id)
+
     def spend_total(self, job_id: str | None = None) -> float:
         """Sum of the spend ledger, for one job or for everything."""
         with self._read() as c:
