@@ -350,6 +350,9 @@ class Checkpoint(BaseModel):
     interval: int | None = Field(None, gt=0)
     #: How many committed checkpoints to keep.
     keep: int = Field(3, ge=1)
+    #: Another job (same store) whose newest checkpoint seeds this one when it has none of its own:
+    #: how a successive-halving sweep continues a promising trial for more steps.
+    resume_from: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
 
     @field_validator("store")
     @classmethod

@@ -331,6 +331,11 @@ def train(ns: argparse.Namespace) -> int:
         )
 
     resume_dir, resume_step = find_resume_point(store, job_id, work_dir)
+    if resume_dir is None and spec.checkpoint.resume_from:
+        # continue another job's training (a sweep's next rung) from its newest checkpoint
+        resume_dir, resume_step = find_resume_point(store, spec.checkpoint.resume_from, work_dir)
+        print(f"[tunefleet] seeded from job {spec.checkpoint.resume_from} at step {resume_step}",
+              file=sys.stderr, flush=True)
     progress.update(force=True, resumed_from_step=resume_step)
     print(f"[tunefleet] job {job_id} attempt {ns.attempt_id}: device={device} "
           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}), "
@@ -420,6 +425,9 @@ def train(ns: argparse.Namespace) -> int:
         "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
         "checkpoint_upload_s": round(uploader.upload_s, 3),
         "checkpoints_committed": uploader.committed,
+        # loss curves for reports: [step, value] pairs from the Trainer's own log
+        "history": _thin([[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h]),
+        "eval_history": _thin([[h["step"], h["eval_loss"]] for h in trainer.state.log_history if "eval_loss" in h]),
         "final_loss": callback.loss,
         "eval_loss": eval_loss,
         "attempt_id": ns.attempt_id,
@@ -438,6 +446,14 @@ def train(ns: argparse.Namespace) -> int:
         shutil.rmtree(work_dir, ignore_errors=True)
     print(f"[tunefleet] done at step {step}; final adapter -> {ref.uri}", file=sys.stderr, flush=True)
     return EXIT_OK
+
+
+def _thin(points: list, limit: int = 500) -> list:
+    """At most ``limit`` evenly spaced points, always keeping the last one."""
+    if len(points) <= limit:
+        return points
+    stride = len(points) / limit
+    return [points[int(i * stride)] for i in range(limit - 1)] + [points[-1]]
 
 
 def _optimizer(name: str, device: str) -> str:

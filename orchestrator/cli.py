@@ -378,6 +378,57 @@ def spend(
     console.print(f"total ${total:.4f}; this month ${month:.4f}{cap}")
 
 
+@app.command()
+def sweep(
+    target: Annotated[str, typer.Argument(help="SWEEP.yaml to start a sweep, or 'status'.")],
+    sweep_id: Annotated[str | None, typer.Argument(help="With 'status': the sweep id (or a prefix).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Start a cost-capped sweep (tunefleet sweep SWEEP.yaml), or show its leaderboard (tunefleet sweep status ID)."""
+    from orchestrator.queue import submit_sweep, sweep_summary
+    from orchestrator.store import StoreError
+    from orchestrator.sweep import SweepError
+
+    config = _config()
+    with _store(config) as store:
+        if target == "status":
+            if not sweep_id:
+                raise CliError("usage: tunefleet sweep status SWEEP_ID", 2)
+            try:
+                summary = sweep_summary(store, sweep_id)
+            except StoreError as exc:
+                raise CliError(str(exc)) from None
+            if json_out:
+                _emit_json(summary)
+                return
+            _print_sweep(summary)
+            return
+        try:
+            new_id = submit_sweep(store, Path(target), config)
+        except SweepError as exc:
+            raise CliError(f"{exc}\nnothing was queued", 2) from None
+    if json_out:
+        _emit_json({"id": new_id})
+    else:
+        console.print(new_id)
+
+
+def _print_sweep(s: dict[str, Any]) -> None:
+    table = Table(box=None, header_style="bold")
+    for col in ("TRIAL", "PARAMS", "RUNG", "EVAL LOSS", "STEPS", "COST", "STATE"):
+        table.add_column(col, justify="right" if col in ("RUNG", "EVAL LOSS", "STEPS", "COST") else "left")
+    for r in s["trials"]:
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
+        table.add_row(str(r["trial"]), params, str(r["rung"]),
+                      f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-",
+                      str(r["steps"]), f"${r['cost_usd']:.4f}", r["state"])
+    console.print(table, crop=False)
+    console.print(f"{s['id']} {s['name']} ({s['state']}) {s['strategy']}, rung {s['rung'] + 1}/{len(s['rungs'])} "
+                  f"(steps {s['rungs']}); spent ${s['spent_usd']:.4f} of ${s['budget_usd']:.2f}")
+    if s["best_adapter_uri"]:
+        console.print(f"best: {s['best_job_id']} -> {s['best_adapter_uri']}")
+
+
 # ---------------------------------------------------------------- providers / estimate / offers
 @app.command()
 def providers(json_out: JsonOpt = False) -> None:

@@ -31,6 +31,7 @@ from infra.storage import CheckpointStore, StorageError, open_store
 from jobs.estimate import estimate
 from orchestrator.budget import Cap, launch_refusal, month_start, must_stop
 from orchestrator.scheduler import rank
+from orchestrator.sweep import survivors, trial_spec
 from orchestrator.states import AttemptState, JobState
 from orchestrator.store import AttemptRow, InvalidTransition, JobRow, Store
 from providers.base import LaunchRequest, PriceSource, Provider, ProviderError, RunState, RunStatus
@@ -179,7 +180,54 @@ class Daemon:
                 self._reconcile(att)
             except Exception as exc:  # one bad attempt must not stop the daemon
                 self.log.exception("reconcile failed", job_id=att.job_id, attempt_id=att.id, error=str(exc))
+        try:
+            self._advance_sweeps()
+        except Exception as exc:  # a sweep's bookkeeping must not stop the queue
+            self.log.exception("sweep step failed", error=str(exc))
         self._place()
+
+    # ---- sweeps: successive halving moves a sweep to its next rung when a rung is done ----
+    def _eval_loss(self, job_id: str) -> float | None:
+        job = self.store.get_job(job_id)
+        final = self._ckpt_store(job).final(job_id)
+        loss = (final.meta if final else {}).get("eval_loss")
+        return float(loss) if isinstance(loss, (int, float)) else None
+
+    def _advance_sweeps(self) -> None:
+        for sweep_id in self.store.active_sweeps():
+            sweep = self.store.get_sweep(sweep_id)
+            plan, rung = sweep["spec"], sweep["rung"]
+            trials = self.store.trials(sweep_id)
+            current = [t for t in trials if t["rung"] == rung]
+            if not current or any(not t["state"].terminal for t in current):
+                continue
+            results = [(t["job_id"], self._eval_loss(t["job_id"]) if t["state"] is JobState.SUCCEEDED else None)
+                       for t in current]
+            last = rung >= len(plan["rungs"]) - 1
+            if last:
+                best = survivors(results, len(results) or 1)[:1] or [t["job_id"] for t in current
+                                                                       if t["state"] is JobState.SUCCEEDED][:1]
+                self.store.update_sweep(sweep_id, state="done" if best else "failed",
+                                        best_job_id=best[0] if best else None,
+                                        reason=None if best else "no trial finished")
+                self.log.info("sweep done", sweep_id=sweep_id, best=best)
+                continue
+            keep = survivors(results, plan["sweep"]["halving"]["eta"])
+            if not keep:
+                self.store.update_sweep(sweep_id, state="failed", reason=f"no trial finished rung {rung} with an eval loss")
+                continue
+            already = {t["trial"] for t in trials if t["rung"] == rung + 1}
+            by_job = {t["job_id"]: t for t in current}
+            for job_id in keep:
+                t = by_job[job_id]
+                if t["trial"] in already:  # written before a crash: never twice
+                    continue
+                spec = trial_spec(plan["base"], t["params"], max_steps=plan["rungs"][rung + 1], resume_from=job_id,
+                                  store_uri=self.store.get_job(job_id).spec["checkpoint"]["store"])
+                self.store.add_trial(sweep_id, trial=t["trial"], rung=rung + 1, params=t["params"], spec=spec,
+                                     name=f"{sweep['name']}/t{t['trial']}/r{rung + 1}")
+            self.store.update_sweep(sweep_id, rung=rung + 1)
+            self.log.info("sweep rung done", sweep_id=sweep_id, rung=rung, kept=keep)
 
     # ---- reconcile one live attempt ----
     def _reconcile(self, att: AttemptRow) -> None:
@@ -384,6 +432,13 @@ class Daemon:
                    running_usd=sum(self._accrued(a, now) for a in live),
                    committed_usd=sum(self._committed(a, now) for a in live))
 
+    def _sweep_cap(self, sweep_id: str, now: float) -> Cap:
+        sweep = self.store.get_sweep(sweep_id)
+        live = [a for a in self.store.live_attempts() if self.store.get_job(a.job_id).sweep_id == sweep_id]
+        return Cap(f"sweep {sweep_id} budget_usd", sweep["budget_usd"], self.store.sweep_spend(sweep_id),
+                   running_usd=sum(self._accrued(a, now) for a in live),
+                   committed_usd=sum(self._committed(a, now) for a in live))
+
     def _budget_overrun(self, att: AttemptRow, job: JobRow) -> str | None:
         """Why this running attempt must stop now to keep recorded spend under a cap, or None."""
         if att.usd_per_hour <= 0:
@@ -395,6 +450,13 @@ class Daemon:
             cap = Cap(f"job {job.id} policy.max_usd", max_usd, job.cost_usd, self._accrued(att, now))
             if must_stop(cap, att.usd_per_hour, horizon):
                 return f"${cap.spent_usd + cap.running_usd:.2f} of its ${max_usd:.2f} cap spent"
+        if job.sweep_id:
+            sweep_cap = self._sweep_cap(job.sweep_id, now)
+            sweep_cap = Cap(sweep_cap.scope, sweep_cap.limit_usd, sweep_cap.spent_usd, sweep_cap.running_usd)
+            rate = sum(a.usd_per_hour for a in self.store.live_attempts()
+                       if self.store.get_job(a.job_id).sweep_id == job.sweep_id)
+            if must_stop(sweep_cap, rate, horizon):
+                return f"the sweep's ${sweep_cap.limit_usd:.2f} budget would be crossed"
         monthly = self._monthly_cap(now)
         if monthly is not None:
             monthly = Cap(monthly.scope, monthly.limit_usd, monthly.spent_usd, monthly.running_usd)
@@ -419,6 +481,8 @@ class Daemon:
         self._avoid = {k: t for k, t in self._avoid.items() if t > now}
         for job in self.store.next_queued(now, limit=50):
             log = self.log.bind(job_id=job.id)
+            if job.sweep_id and self._sweep_full(job.sweep_id):
+                continue
             allowed = (job.spec.get("policy") or {}).get("providers")
             providers = {n: p for n, p in self.providers.items() if not allowed or n in allowed}
             est = self._estimate(job)
@@ -441,8 +505,10 @@ class Daemon:
                     log.warning("job waiting", reason=why)
                 continue
             chosen = viable[0]
-            monthly = self._monthly_cap(now)
-            refusal = launch_refusal([monthly], chosen.est_usd) if monthly is not None else None
+            caps = [c for c in (self._monthly_cap(now),) if c is not None]
+            if job.sweep_id:
+                caps.append(self._sweep_cap(job.sweep_id, now))
+            refusal = launch_refusal(caps, chosen.est_usd)
             if refusal is not None:
                 why, never = refusal
                 if never:
@@ -455,6 +521,11 @@ class Daemon:
                 continue
             self._waiting.pop(job.id, None)
             self._launch(job, chosen, log, latest.step if latest else 0, len(viable))
+
+    def _sweep_full(self, sweep_id: str) -> bool:
+        sweep = self.store.get_sweep(sweep_id)
+        running = sum(1 for a in self.store.live_attempts() if self.store.get_job(a.job_id).sweep_id == sweep_id)
+        return running >= int(sweep["spec"]["sweep"]["max_parallel"])
 
     def _launch(self, job: JobRow, placement, log, start_step: int, n_viable: int) -> None:
         offer = placement.offer

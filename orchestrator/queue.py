@@ -47,3 +47,55 @@ def job_summary(store, job, now: float | None = None) -> dict[str, Any]:
         "reason": job.reason,
         "created_at": job.created_at,
     }
+
+
+def submit_sweep(store, path, config: Config) -> str:
+    """Validate a sweep file and every one of its trials, then queue the first rung.
+
+    Nothing is queued unless every trial's job validates (``SweepError`` says which and why).
+    """
+    from orchestrator.sweep import expand, load_sweep, rungs, trial_spec
+
+    sweep, base = load_sweep(path)
+    params = expand(sweep)
+    save_every = (base.get("checkpoint") or {}).get("interval") or base.get("save_steps") or 50
+    steps = rungs(sweep, int(base.get("max_steps") or 0), int(save_every)) if base.get("max_steps") else [0]
+    first = steps[0] or None
+    specs = [trial_spec(base, p, max_steps=first, store_uri=config.default_store) for p in params]
+    plan = {"sweep": sweep.model_dump(mode="json"), "base": base, "trials": params, "rungs": steps}
+    sweep_id = store.create_sweep(sweep.name, plan, sweep.budget_usd)
+    for i, (p, spec) in enumerate(zip(params, specs, strict=True)):
+        store.add_trial(sweep_id, trial=i, rung=0, params=p, spec=spec, name=f"{sweep.name}/t{i}/r0")
+    return sweep_id
+
+
+def sweep_summary(store, sweep_id: str) -> dict[str, Any]:
+    """The leaderboard of a sweep: one row per trial, at the furthest rung it reached."""
+    from infra.storage import open_store
+
+    sweep = store.get_sweep(sweep_id)
+    rows: dict[int, dict[str, Any]] = {}
+    for t in store.trials(sweep["id"]):
+        job = store.get_job(t["job_id"])
+        final = open_store(job.spec["checkpoint"]["store"]).final(job.id) if job.state.value == "succeeded" else None
+        row = rows.setdefault(t["trial"], {"trial": t["trial"], "params": t["params"], "cost_usd": 0.0})
+        row["cost_usd"] += t["cost_usd"]
+        row.update(rung=t["rung"], job_id=job.id, state=job.state.value, steps=job.step,
+                   eval_loss=(final.meta.get("eval_loss") if final else None),
+                   adapter_uri=job.adapter_uri)
+    board = sorted(rows.values(), key=lambda r: (-r["rung"], r["eval_loss"] is None, r["eval_loss"] or 0.0, r["trial"]))
+    best = store.get_job(sweep["best_job_id"]) if sweep["best_job_id"] else None
+    return {
+        "id": sweep["id"],
+        "name": sweep["name"],
+        "state": sweep["state"],
+        "strategy": sweep["spec"]["sweep"]["strategy"],
+        "rung": sweep["rung"],
+        "rungs": sweep["spec"]["rungs"],
+        "budget_usd": sweep["budget_usd"],
+        "spent_usd": round(store.sweep_spend(sweep["id"]), 6),
+        "best_job_id": sweep["best_job_id"],
+        "best_adapter_uri": best.adapter_uri if best else None,
+        "reason": sweep["reason"],
+        "trials": [{**r, "cost_usd": round(r["cost_usd"], 6)} for r in board],
+    }

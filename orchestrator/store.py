@@ -173,10 +173,33 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX throughput_model ON throughput (base_model, method, gpu);
     """,
+    # v3: sweeps and their trials (one job per trial per rung)
+    """
+    CREATE TABLE sweeps (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL,
+        spec_json   TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        budget_usd  REAL NOT NULL,
+        rung        INTEGER NOT NULL DEFAULT 0,
+        best_job_id TEXT NULL,
+        reason      TEXT NULL,
+        created_at  REAL NOT NULL,
+        updated_at  REAL NOT NULL
+    );
+    CREATE TABLE trials (
+        sweep_id    TEXT NOT NULL REFERENCES sweeps (id),
+        trial       INTEGER NOT NULL,
+        rung        INTEGER NOT NULL,
+        job_id      TEXT NOT NULL REFERENCES jobs (id),
+        params_json TEXT NOT NULL,
+        PRIMARY KEY (sweep_id, trial, rung)
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
-assert SCHEMA_VERSION == 2
+assert SCHEMA_VERSION == 3
 
 _BUSY_TIMEOUT_MS = 10_000
 
@@ -1229,6 +1252,101 @@ class Store:
                 ts=now,
             )
             return self._fetch_job(c, job_id)
+
+    # -- sweeps -------------------------------------------------------------------------------
+
+    def create_sweep(self, name: str, spec: dict[str, Any], budget_usd: float) -> str:
+        spec_json = _dump_dict(spec, "spec")
+        now = self._now()
+        with self._write() as c:
+            for _ in range(_MAX_ID_TRIES):
+                sweep_id = "s" + uuid.uuid4().hex[:7]
+                if c.execute("SELECT 1 FROM sweeps WHERE id = ?", (sweep_id,)).fetchone() is None:
+                    break
+            else:
+                raise StoreError("could not find a free sweep id")
+            c.execute(
+                "INSERT INTO sweeps (id, name, spec_json, state, budget_usd, created_at, updated_at)"
+                " VALUES (?, ?, ?, 'running', ?, ?, ?)",
+                (sweep_id, name, spec_json, float(budget_usd), now, now),
+            )
+        return sweep_id
+
+    def add_trial(
+        self, sweep_id: str, *, trial: int, rung: int, params: dict[str, Any], spec: dict[str, Any],
+        name: str, priority: int = 0,
+    ) -> str:
+        """Queue one trial's job for one rung, and link it to the sweep, in one transaction."""
+        spec_json = _dump_dict(spec, "spec")
+        params_json = _dump_dict(params, "params")
+        now = self._now()
+        with self._write() as c:
+            for _ in range(_MAX_ID_TRIES):
+                job_id = _random_job_id()
+                if c.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
+                    break
+            else:
+                raise StoreError(f"could not find a free job id in {_MAX_ID_TRIES} tries")
+            c.execute(
+                "INSERT INTO jobs (id, name, state, priority, spec_json, created_at, updated_at, sweep_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, name, JobState.QUEUED.value, int(priority), spec_json, now, now, sweep_id),
+            )
+            c.execute(
+                "INSERT INTO trials (sweep_id, trial, rung, job_id, params_json) VALUES (?, ?, ?, ?, ?)",
+                (sweep_id, trial, rung, job_id, params_json),
+            )
+            self._insert_event(
+                c, job_id=job_id, attempt_id=None, kind="submitted",
+                message=f"sweep {sweep_id} trial {trial} rung {rung}",
+                data_json=json.dumps({"sweep_id": sweep_id, "trial": trial, "rung": rung, "params": params}),
+                ts=now,
+            )
+        return job_id
+
+    def get_sweep(self, sweep_id: str) -> dict[str, Any]:
+        with self._read() as c:
+            row = c.execute("SELECT * FROM sweeps WHERE id = ?", (sweep_id,)).fetchone()
+            if row is None:
+                ids = [r[0] for r in c.execute("SELECT id FROM sweeps WHERE id LIKE ?", (sweep_id + "%",))]
+                if len(ids) != 1:
+                    raise StoreError(f"no sweep {sweep_id!r}" + (f" (candidates: {', '.join(ids[:5])})" if ids else ""))
+                row = c.execute("SELECT * FROM sweeps WHERE id = ?", (ids[0],)).fetchone()
+        d = dict(row)
+        d["spec"] = json.loads(d.pop("spec_json"))
+        return d
+
+    def active_sweeps(self) -> list[str]:
+        with self._read() as c:
+            return [r[0] for r in c.execute("SELECT id FROM sweeps WHERE state = 'running' ORDER BY created_at")]
+
+    def trials(self, sweep_id: str) -> list[dict[str, Any]]:
+        """Every trial job of a sweep, with its rung, params and job state, by rung then trial."""
+        with self._read() as c:
+            rows = c.execute(
+                "SELECT t.trial, t.rung, t.job_id, t.params_json, j.state, j.cost_usd, j.step"
+                " FROM trials t JOIN jobs j ON j.id = t.job_id WHERE t.sweep_id = ? ORDER BY t.rung, t.trial",
+                (sweep_id,),
+            ).fetchall()
+        return [
+            {"trial": r[0], "rung": r[1], "job_id": r[2], "params": json.loads(r[3]), "state": JobState(r[4]),
+             "cost_usd": r[5], "step": r[6]}
+            for r in rows
+        ]
+
+    def update_sweep(self, sweep_id: str, *, state: str | None = None, rung: int | None = None,
+                     best_job_id: str | None = None, reason: str | None = None) -> None:
+        sets = {"state": state, "rung": rung, "best_job_id": best_job_id, "reason": reason}
+        sets = {k: v for k, v in sets.items() if v is not None}
+        with self._write() as c:
+            assignments = ", ".join(f"{k} = ?" for k in sets)
+            c.execute(f"UPDATE sweeps SET {assignments}{', ' if sets else ''}updated_at = ? WHERE id = ?",
+                      (*sets.values(), self._now(), sweep_id))
+
+    def sweep_spend(self, sweep_id: str) -> float:
+        with self._read() as c:
+            row = c.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM jobs WHERE sweep_id = ?", (sweep_id,)).fetchone()
+        return float(row[0])
 
     def spend_total(self, job_id: str | None = None) -> float:
         """Sum of the spend ledger, for one job or for everything."""

@@ -831,7 +831,7 @@ def test_threads_sharing_and_not_sharing_a_store(db_path: Path) -> None:
     check_invariants(db_path)
 
 
-def test_v1_database_is_migrated_to_v2_keeping_its_data(tmp_path: Path) -> None:
+def test_v1_database_is_migrated_to_the_current_schema_keeping_its_data(tmp_path: Path) -> None:
     import sqlite3
 
     from orchestrator.store import MIGRATIONS
@@ -852,7 +852,7 @@ def test_v1_database_is_migrated_to_v2_keeping_its_data(tmp_path: Path) -> None:
         store.record_throughput(base_model="m", method="qlora", gpu="A100", gpu_count=2, tokens_per_s=4000.0)
         assert store.calibration("m", "qlora") == {"A100": 2000.0}  # per GPU
     with sqlite3.connect(path) as c:
-        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (str(len(MIGRATIONS)),)
 
 
 def test_calibration_is_the_median_of_recent_runs_per_gpu(tmp_path: Path) -> None:
