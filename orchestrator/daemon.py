@@ -549,7 +549,6 @@ class Daemon:
             gpus=offer.gpu_count,
             cpus=int(resources.get("cpus", 1)),
             log_path=log_path,
-            env={"TUNEFLEET_MODEL_CACHE": str(self.config.home / "models")},
             secrets=store_secrets(self._ckpt_store(job).uri),
         )
         prov = self.providers[offer.provider]

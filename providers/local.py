@@ -163,10 +163,12 @@ class LocalRayProvider(Provider):
         cost: CostModel | None = None,
         python: str | None = None,
         light: bool = False,
+        model_cache: str | None = None,
     ) -> None:
         """``light``: answer offers from an nvidia-smi inventory instead of starting an embedded
         Ray instance (for ``tunefleet offers``; the daemon needs Ray's view of what is free)."""
         self.light = light
+        self.model_cache = model_cache  # where the built-in tiny model is materialized, per machine
         self.address = address
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
@@ -280,6 +282,8 @@ class LocalRayProvider(Provider):
         argv = [self.python, "-m", "jobs.train"]
         # secrets travel with the actor call (Ray's object store), never through logs
         env = {**request.payload_env(), **request.secrets}
+        if self.model_cache:
+            env.setdefault("TUNEFLEET_MODEL_CACHE", self.model_cache)
         try:
             actor = runner.options(
                 name=request.attempt_id,

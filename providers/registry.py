@@ -36,7 +36,7 @@ def _local(config: Config, light: bool) -> Provider:
     )
     return LocalRayProvider(
         address=config.ray_address, num_cpus=config.ray_num_cpus, num_gpus=config.ray_num_gpus,
-        cost=cost, light=light,
+        cost=cost, light=light, model_cache=str(config.home / "models"),
     )
 
 

@@ -208,17 +208,10 @@ def test_default_clouds_are_those_sky_check_enabled(tmp_path):
               {o["extra"]["cloud"] for o in offers(p, 1, 20)})}
     """)
     assert result["enabled"] == ["aws"]  # Kubernetes has no price catalog
-    assert result["check"] == [True, "SkyPilot 0.14.1 catalog for aws; enabled by `sky check`; quotes only"]
+    assert result["check"] == [True, "SkyPilot 0.14.1 catalog for aws; enabled by `sky check`"]
     assert result["clouds"] == ["aws"]
 
 
-def test_launch_is_not_built():
-    from providers.base import LaunchFailed, RunState
-
-    p = sp.SkyPilotProvider()
-    assert p.launchable is False
-    with pytest.raises(LaunchFailed, match="not built yet"):
-        p.launch(None, None)  # type: ignore[arg-type]
-    assert p.poll({}).state is RunState.UNKNOWN
-    p.cancel({})
-    p.cancel({})
+def test_vast_is_never_quoted_through_skypilot():
+    p = sp.SkyPilotProvider(clouds=["aws", "vast"])
+    assert p._targets()[0] == ["aws"]
