@@ -42,6 +42,12 @@ class CorruptCheckpoint(StorageError):
     """A committed checkpoint whose files do not match its manifest."""
 
 
+class ObjectMissing(StorageError):
+    """The key does not exist (as opposed to: the store could not be reached or refused us)."""
+
+    code = "NoSuchKey"
+
+
 @dataclass(frozen=True)
 class FileEntry:
     path: str  # relative to the checkpoint folder, with forward slashes
@@ -207,6 +213,10 @@ class CheckpointStore(ABC):
                 try:
                     self.get_file(prefix + entry.path, target)
                 except StorageError as exc:
+                    # only a missing file makes the checkpoint corrupt; access denied, a missing
+                    # bucket or exhausted retries are the store's problem and say so
+                    if getattr(exc, "code", None) != ObjectMissing.code:
+                        raise
                     raise CorruptCheckpoint(f"{ref.uri}: {entry.path} is missing ({exc})") from exc
                 size = target.stat().st_size
                 if size != entry.size:
@@ -313,7 +323,7 @@ class LocalFolderStore(CheckpointStore):
     def get_file(self, key: str, dest: Path) -> None:
         src = self._path(key)
         if not src.is_file():
-            raise StorageError(f"{self.key_uri(key)} does not exist")
+            raise ObjectMissing(f"{self.key_uri(key)} does not exist")
         shutil.copyfile(src, dest)
 
     def list_keys(self, prefix: str) -> list[tuple[str, int]]:
@@ -354,7 +364,11 @@ def open_store(uri: str) -> CheckpointStore:
             raise StorageError(f"{uri}: a file:// URI needs an absolute path (file:///path)")
         return LocalFolderStore(path)
     if parsed.scheme == "s3":
-        raise StorageError(f"{uri}: the S3 store is not available in this build yet")
+        try:  # imported here: importing infra.storage must not import boto3
+            from infra.s3 import S3Store
+        except ImportError as exc:
+            raise StorageError(f"{uri}: the S3 store needs boto3 (pip install 'tunefleet[s3]'): {exc}") from None
+        return S3Store(uri)
     raise StorageError(
         f"unknown storage scheme {parsed.scheme!r} in {uri!r} (use file:///path or s3://bucket/prefix)"
     )

@@ -23,13 +23,18 @@ from infra.storage import (
     open_store,
 )
 
-STORE_KINDS = ["local"]
+STORE_KINDS = ["local", "s3"]
 JOB = "job-1"
 
 
 def _make_store(kind: str, tmp_path: Path) -> CheckpointStore:
     if kind == "local":
         return LocalFolderStore(tmp_path / "store")
+    if kind == "s3":  # real HTTP: a moto server on 127.0.0.1, a new bucket per test
+        pytest.importorskip("moto")
+        from tests.s3_fixtures import make_s3_store
+
+        return make_s3_store()
     raise AssertionError(f"no factory for store kind {kind!r}")
 
 
