@@ -175,6 +175,7 @@ class LocalRayProvider(Provider):
         self.cost = cost or CostModel()
         self.python = python or sys.executable
         self._ray = None
+        self._reserved: dict[str, tuple[int, int]] = {}  # attempt id -> (GPUs, CPUs) it holds
 
     # ---- connection ----
     def _connect(self):
@@ -236,7 +237,10 @@ class LocalRayProvider(Provider):
             models = sorted(k.split(":", 1)[1] for k in total if k.startswith("accelerator_type:"))
             gpu = canonical_gpu(models[0]) if models else None
             info = gpu_info(gpu) if gpu else None
-            return int(avail.get("GPU", 0)), int(avail.get("CPU", 0)), gpu, info.vram_gb if info else 0.0
+            # Ray's view lags a just-created actor: also count what this daemon reserved itself
+            gpus = min(int(avail.get("GPU", 0)), int(total.get("GPU", 0)) - sum(g for g, _ in self._reserved.values()))
+            cpus = min(int(avail.get("CPU", 0)), int(total.get("CPU", 0)) - sum(c for _, c in self._reserved.values()))
+            return max(0, gpus), max(0, cpus), gpu, info.vram_gb if info else 0.0
         gpus = _nvidia_smi_gpus()
         cpus = self.num_cpus or os.cpu_count() or 1
         if self.num_gpus is not None:  # logical GPUs declared for the embedded instance
@@ -296,6 +300,7 @@ class LocalRayProvider(Provider):
             actor.start.remote(argv, env, request.log_path)
         except Exception as exc:
             raise LaunchFailed(f"Ray could not create the attempt actor: {exc}") from exc
+        self._reserved[request.attempt_id] = (offer.gpu_count, request.cpus)
         return {"actor": request.attempt_id, "namespace": NAMESPACE}
 
     def handle_for(self, attempt_id: str) -> dict[str, Any] | None:
@@ -357,6 +362,7 @@ class LocalRayProvider(Provider):
         self.release(handle)
 
     def release(self, handle: dict[str, Any]) -> None:
+        self._reserved.pop(handle.get("actor", ""), None)
         actor = self._actor(handle)
         if actor is not None:
             try:

@@ -1,0 +1,147 @@
+"""A spot attempt preempted on one provider resumes on another and finishes.
+
+Real parts: the CLI and daemon, the real Vast.ai provider over HTTP, an embedded Ray instance for
+the team's own machine, the real payload, and checkpoints in S3 (moto server on 127.0.0.1). The
+only stand-in is Vast itself: a stub server speaking Vast's API (tests/vast_stub.py) that, when
+an instance is rented, starts the payload with the rental's environment as the remote machine
+would, and pauses it (SIGKILL, no warning) when it is outbid.
+
+Set-up: job A holds the only local GPU; job B, which must finish well before a CPU could finish it,
+goes to Vast. Once A is done and B has committed checkpoints, B is outbid; the daemon records the
+preemption, avoids the lost offer, and resumes B from its newest S3 checkpoint on the local GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.s3_fixtures import new_bucket, running_moto
+from tests.test_cli import EXAMPLE, tf
+from tests.vast_stub import VastStub, offer_row
+
+pytestmark = pytest.mark.slow
+
+SECRET = "tunefleet-test-secret-do-not-log"
+
+
+def _job(tmp_path: Path, name: str, store: str, **changes) -> Path:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["datasets"][0]["path"] = str((EXAMPLE.parent / doc["datasets"][0]["path"]).resolve())
+    doc["resources"] = {"gpus": 1, "device": "auto"}
+    doc["policy"] = {"max_usd": 50.0, "spot": "allow", "data": "open"}
+    doc["checkpoint"] = {"store": store, "keep": 3}
+    doc.update(changes)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_preempted_on_vast_resumes_on_the_local_gpu(tmp_path, model_cache):
+    with running_moto() as endpoint:
+        bucket = new_bucket(endpoint)
+        store = f"s3://{bucket}/jobs"
+        aws = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing-key-id",
+               "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_EC2_METADATA_DISABLED": "true"}
+        procs: dict[int, subprocess.Popen] = {}
+
+        def runner(instance_id: int, env: dict[str, str], script: str):
+            """The rented machine: tunefleet is installed there, so run the payload it was given."""
+            assert "jobs.train" in script
+            log = open(tmp_path / f"vast-{instance_id}.log", "ab")  # noqa: SIM115
+            procs[instance_id] = subprocess.Popen(
+                [sys.executable, "-m", "jobs.train"],
+                env={**os.environ, **env, "HF_HUB_OFFLINE": "1", "TUNEFLEET_MODEL_CACHE": str(model_cache)},
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+            return procs[instance_id]
+
+        def stopper(instance_id: int) -> None:
+            procs[instance_id].kill()  # an outbid instance is paused without warning
+
+        stub = VastStub(offers={"on-demand": [offer_row(1001, "RTX 4090", dph_total=0.40)], "bid": []},
+                        api_key="vast-test-key", runner=runner, stopper=stopper)
+        with stub:
+            home = tmp_path / "home"
+            home.mkdir()
+            (home / "config.yaml").write_text("poll_interval_s: 0.5\nray_num_cpus: 3\nray_num_gpus: 1\n")
+            env = {**os.environ, **aws, "TUNEFLEET_HOME": str(home), "VAST_URL": stub.url,
+                   "VAST_API_KEY": "vast-test-key", "TUNEFLEET_MODEL_CACHE": str(model_cache),
+                   "HOME": str(tmp_path / "user"), "SKY_RUNTIME_DIR": str(tmp_path / "user")}
+            (tmp_path / "user").mkdir()
+
+            def cli(*args: str) -> subprocess.CompletedProcess:
+                proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env,
+                                      capture_output=True, text=True, timeout=120)
+                assert proc.returncode == 0, proc.stderr
+                return proc
+
+            # A: local only, short; it takes the local GPU first (higher priority)
+            a = json.loads(cli("submit", str(_job(tmp_path, "a", store, max_steps=40, save_steps=20,
+                                                    priority=10, policy={"providers": ["local"], "data": "open"})),
+                               "--json").stdout)["id"]
+            # B: long; a CPU could never make its deadline, a GPU easily can
+            deadline = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 2 * 3600))
+            b = json.loads(cli("submit", str(_job(tmp_path, "b", store, max_steps=1200, save_steps=50,
+                                                    policy={"providers": ["vast", "local"], "data": "open",
+                                                            "deadline": deadline})), "--json").stdout)["id"]
+            from orchestrator.store import Store
+
+            with Store(home / "state.db") as db:  # measured: this model crawls on a CPU here
+                db.record_throughput(base_model="tunefleet/tiny-llama", method="qlora", gpu="cpu", gpu_count=1,
+                                     tokens_per_s=5.0)
+
+            daemon = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "daemon", "--until-idle",
+                                       "--max-seconds", "600"], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True)
+            try:
+                deadline_s = time.monotonic() + 500
+                outbid = False
+                while daemon.poll() is None:
+                    assert time.monotonic() < deadline_s, "daemon did not finish"
+                    sa = json.loads(cli("status", a, "--json").stdout)
+                    sb = json.loads(cli("status", b, "--json").stdout)
+                    if not outbid and sa["state"] == "succeeded" and (sb["checkpoint_step"] or 0) >= 100:
+                        assert sb["provider"] == "vast" and sb["state"] == "running", sb
+                        (instance_id,) = stub.instances
+                        stub.outbid(instance_id)
+                        outbid = True
+                    time.sleep(0.5)
+            finally:
+                if daemon.poll() is None:
+                    daemon.kill()
+                out = daemon.stdout.read()
+                for p in procs.values():
+                    if p.poll() is None:
+                        p.kill()
+            assert daemon.returncode == 0, out[-3000:]
+            assert outbid, "B finished on Vast before it could be outbid"
+
+            sb = json.loads(cli("status", b, "--json").stdout)
+            assert sb["state"] == "succeeded" and sb["step"] == 1200 and sb["provider"] == "local"
+            assert sb["adapter_uri"].startswith(f"s3://{bucket}/jobs/{b}/final")
+            with Store(home / "state.db") as db:
+                attempts = db.attempts_for(b)
+            assert [(x.provider, x.state.value) for x in attempts] == [("vast", "preempted"), ("local", "succeeded")]
+            assert attempts[0].offer_id == "1001"
+            # resumed from the newest checkpoint the Vast attempt committed to S3: at most one interval lost
+            assert attempts[1].start_step >= 100 and attempts[0].end_step - attempts[1].start_step <= 50
+            kinds = [e["kind"] for e in json.loads(cli("events", b, "--json").stdout)]
+            assert kinds.count("attempt_created") == 2 and "preempted" in kinds and "requeued" in kinds
+            # Vast: exactly the chosen ask was rented; the paused instance was destroyed, not left billing
+            rents = stub.calls("PUT", "/api/v0/asks/")
+            assert [r.path for r in rents] == ["/api/v0/asks/1001/"]
+            assert stub.destroyed == set(stub.instances)
+            # the store credentials reached the rented machine, but no log or event
+            assert stub.env_of(next(iter(stub.instances)))["AWS_SECRET_ACCESS_KEY"] == SECRET
+            daemon_log = (home / "logs" / "daemon.log").read_text()
+            assert SECRET not in daemon_log and SECRET not in out
+            assert SECRET not in json.dumps(json.loads(cli("events", b, "--json").stdout))
