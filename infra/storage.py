@@ -284,12 +284,15 @@ class LocalFolderStore(CheckpointStore):
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
         self.uri = self.root.as_uri()
+        self._root_str = str(self.root)
+        self._root_prefix = self._root_str.rstrip(os.sep) + os.sep
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if path != self.root and self.root not in path.parents:
+        # normpath, not resolve(): no filesystem round trip per object (the daemon asks a lot)
+        path = os.path.normpath(os.path.join(self._root_str, key))
+        if path != self._root_str and not path.startswith(self._root_prefix):
             raise StorageError(f"key {key!r} escapes the store root {self.root}")
-        return path
+        return Path(path)
 
     def _atomic_write(self, dest: Path, writer) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)

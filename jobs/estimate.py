@@ -20,6 +20,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -142,17 +143,29 @@ def dataset_stats(datasets: list[dict[str, Any]], sequence_len: int, sample_pack
     chars = 0
     for ds in datasets:
         path = Path(ds["path"])
-        if not path.is_file():
+        try:
+            st = path.stat()
+        except OSError:
             continue
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.strip():
-                    examples += 1
-                    chars += min(len(line), sequence_len * 4)
+        n, c = _file_stats(str(path), st.st_mtime_ns, st.st_size, sequence_len)
+        examples += n
+        chars += c
     if examples == 0:
         return 0, float(sequence_len)
     mean = sequence_len if sample_packing else min(sequence_len, chars / examples / 4)
     return examples, max(1.0, mean)
+
+
+@lru_cache(maxsize=256)
+def _file_stats(path: str, mtime_ns: int, size: int, sequence_len: int) -> tuple[int, int]:
+    """(examples, chars) of one JSONL file; cached while the file is unchanged (mtime, size)."""
+    examples = chars = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                examples += 1
+                chars += min(len(line), sequence_len * 4)
+    return examples, chars
 
 
 def estimate(spec: Any, calibration: dict[str, float] | None = None) -> Estimate:

@@ -39,6 +39,8 @@ from providers.registry import build_providers, gather_offers
 
 EXIT_PREEMPTED = 75  # mirrors jobs.train.EXIT_PREEMPTED (the payload's side of the contract)
 EXIT_BAD_INPUT = 2
+BATCH = 50  # queued jobs considered per tick
+RECHECK_S = 10.0  # how often a job waiting for capacity or budget is looked at again
 _SIGNAL_EXITS = {-signal.SIGKILL: "SIGKILL", -signal.SIGTERM: "SIGTERM", 137: "SIGKILL", 143: "SIGTERM"}
 
 
@@ -123,6 +125,8 @@ class Daemon:
         self.log = get_logger(component="daemon")
         self._stores: dict[str, CheckpointStore] = {}
         self._waiting: dict[str, str] = {}  # job id -> reason it is waiting (event written once)
+        self._checked: dict[str, float] = {}  # job id -> when placement was last tried
+        self._pool = None  # one thread pool for asking providers, for the daemon's lifetime
         self._avoid: dict[tuple[str, str], float] = {}  # (provider, offer) -> until
         self._estimates: dict[str, Any] = {}  # job id -> Estimate (None when it cannot be made)
         self.stop = threading.Event()
@@ -166,13 +170,15 @@ class Daemon:
                 self.log.warning("max run time reached; exiting", max_seconds=max_seconds)
                 break
             self.stop.wait(self.config.poll_interval_s)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
         self.log.info("daemon stopped; running attempts are left running and adopted on restart")
 
     def idle(self) -> bool:
         if self.store.live_attempts():
             return False
-        queued = self.store.list_jobs([JobState.QUEUED])
-        return all(j.id in self._waiting for j in queued)
+        return all(job_id in self._waiting for job_id in self.store.queued_ids())
 
     def tick(self) -> None:
         for att in self.store.live_attempts():
@@ -466,6 +472,13 @@ class Daemon:
                 return f"the monthly budget ${monthly.limit_usd:.2f} would be crossed"
         return None
 
+    def _offer_pool(self):
+        import concurrent.futures as cf
+
+        if self._pool is None:
+            self._pool = cf.ThreadPoolExecutor(max_workers=max(1, len(self.providers)), thread_name_prefix="offers")
+        return self._pool
+
     def _estimate(self, job: JobRow):
         if job.id not in self._estimates:
             try:
@@ -479,14 +492,20 @@ class Daemon:
     def _place(self) -> None:
         now = self.clock()
         self._avoid = {k: t for k, t in self._avoid.items() if t > now}
-        for job in self.store.next_queued(now, limit=50):
+        # Jobs already waiting for capacity are looked at again every RECHECK_S, not every tick,
+        # and never hold up the jobs behind them: read past them until BATCH fresh ones.
+        batch = self.store.next_queued(now, limit=BATCH + len(self._waiting))
+        fresh = [j for j in batch if j.id not in self._waiting][:BATCH]
+        due = [j for j in batch if j.id in self._waiting and now - self._checked.get(j.id, 0.0) >= RECHECK_S]
+        for job in fresh + due:
+            self._checked[job.id] = now
             log = self.log.bind(job_id=job.id)
             if job.sweep_id and self._sweep_full(job.sweep_id):
                 continue
             allowed = (job.spec.get("policy") or {}).get("providers")
             providers = {n: p for n, p in self.providers.items() if not allowed or n in allowed}
             est = self._estimate(job)
-            result = gather_offers(providers, job.spec, est)
+            result = gather_offers(providers, job.spec, est, pool=self._offer_pool())
             # a snapshot price is a quote, not something that can be rented (no credentials)
             rentable = [o for o in result.offers if o.price_source is not PriceSource.SNAPSHOT]
             latest = self._ckpt_store(job).latest_checkpoint(job.id)

@@ -196,10 +196,14 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (sweep_id, trial, rung)
     );
     """,
+    # v4: the queue's own order, so picking the next jobs never sorts the whole queue
+    """
+    CREATE INDEX jobs_queue ON jobs (state, priority DESC, created_at, id);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
-assert SCHEMA_VERSION == 3
+assert SCHEMA_VERSION == 4
 
 _BUSY_TIMEOUT_MS = 10_000
 
@@ -1196,24 +1200,31 @@ class Store:
             )
 
     def calibration(self, base_model: str, method: str, last: int = 20) -> dict[str, float]:
-        """Median measured tokens/s per GPU, by GPU model, over the last ``last`` runs of each."""
+        """Median measured tokens/s per GPU, by GPU model, over the last ``last`` runs of each.
+
+        Reads at most ``last`` rows per GPU through the (base_model, method, gpu) index: the
+        daemon asks for every new job, so this must not grow with the history.
+        """
         out: dict[str, float] = {}
         with self._read() as c:
-            rows = c.execute(
-                "SELECT gpu, gpu_count, tokens_per_s FROM throughput WHERE base_model = ? AND method = ?"
-                " ORDER BY id DESC",
-                (base_model, method),
-            ).fetchall()
-        per_gpu: dict[str, list[float]] = {}
-        for gpu, count, tps in rows:
-            values = per_gpu.setdefault(gpu, [])
-            if len(values) < last:
-                values.append(tps / max(1, count))
-        for gpu, values in per_gpu.items():
-            values.sort()
-            mid = len(values) // 2
-            out[gpu] = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+            gpus = [r[0] for r in c.execute(
+                "SELECT DISTINCT gpu FROM throughput WHERE base_model = ? AND method = ?", (base_model, method))]
+            for gpu in gpus:
+                values = sorted(
+                    tps / max(1, count)
+                    for count, tps in c.execute(
+                        "SELECT gpu_count, tokens_per_s FROM throughput WHERE base_model = ? AND method = ?"
+                        " AND gpu = ? ORDER BY id DESC LIMIT ?",
+                        (base_model, method, gpu, last),
+                    )
+                )
+                mid = len(values) // 2
+                out[gpu] = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
         return out
+
+    def queued_ids(self) -> list[str]:
+        with self._read() as c:
+            return [r[0] for r in c.execute("SELECT id FROM jobs WHERE state = 'queued'")]
 
     def spend_since(self, ts: float) -> float:
         """Everything recorded in the ledger since ``ts`` (the monthly budget's window)."""
@@ -1315,6 +1326,10 @@ class Store:
         d = dict(row)
         d["spec"] = json.loads(d.pop("spec_json"))
         return d
+
+    def sweep_ids(self) -> list[str]:
+        with self._read() as c:
+            return [r[0] for r in c.execute("SELECT id FROM sweeps ORDER BY created_at")]
 
     def active_sweeps(self) -> list[str]:
         with self._read() as c:

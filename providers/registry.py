@@ -108,14 +108,19 @@ class OfferResult:
 
 
 def gather_offers(
-    providers: dict[str, Provider], spec: dict[str, Any], estimate: Any, *, timeout_s: float = OFFERS_TIMEOUT_S
+    providers: dict[str, Provider], spec: dict[str, Any], estimate: Any, *, timeout_s: float = OFFERS_TIMEOUT_S,
+    pool: cf.ThreadPoolExecutor | None = None,
 ) -> OfferResult:
-    """Ask every provider at once; a provider that raises or overruns the deadline is reported."""
+    """Ask every provider at once; a provider that raises or overruns the deadline is reported.
+
+    A long-lived caller (the daemon) passes its own ``pool``; otherwise one is made for this call.
+    """
     offers: list[Offer] = []
     problems: dict[str, str] = {}
     if not providers:
         return OfferResult(offers, problems)
-    pool = cf.ThreadPoolExecutor(max_workers=len(providers), thread_name_prefix="offers")
+    own = pool is None
+    pool = pool or cf.ThreadPoolExecutor(max_workers=len(providers), thread_name_prefix="offers")
     try:
         futures = {pool.submit(p.offers, spec, estimate): name for name, p in providers.items()}
         done, pending = cf.wait(futures, timeout=timeout_s)
@@ -130,5 +135,6 @@ def gather_offers(
         for fut in pending:
             problems[futures[fut]] = f"no answer within {timeout_s:.0f} s"
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        if own:
+            pool.shutdown(wait=False, cancel_futures=True)
     return OfferResult(offers, problems)
