@@ -429,6 +429,20 @@ def _print_sweep(s: dict[str, Any]) -> None:
         console.print(f"best: {s['best_job_id']} -> {s['best_adapter_uri']}")
 
 
+@app.command()
+def report(
+    out: Annotated[Path, typer.Option("--out", help="Where to write the HTML file.")] = Path("tunefleet-report.html"),
+) -> None:
+    """A self-contained HTML report: loss curves per trial and job, spend against budgets, local usage."""
+    from orchestrator.report import build_report
+
+    config = _config()
+    with _store(config) as store:
+        page = build_report(store, config)
+    out.write_text(page, encoding="utf-8")
+    console.print(f"wrote {out} ({len(page) // 1024} KiB)")
+
+
 # ---------------------------------------------------------------- providers / estimate / offers
 @app.command()
 def providers(json_out: JsonOpt = False) -> None:

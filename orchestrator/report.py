@@ -1,0 +1,144 @@
+"""``tunefleet report``: one self-contained HTML file with the pictures people want to look at.
+
+Loss curves per trial (every sweep) and per job, spend over time against the budgets, and how busy
+the team's own machines were. Inline SVG, no JavaScript and no third-party assets: the file can be
+mailed or attached to a ticket and opens anywhere.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import Any
+
+from infra.storage import StorageError, open_store
+from orchestrator.budget import month_start
+
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf"]
+W, H, PAD = 640, 300, 48
+
+
+def _scale(lo: float, hi: float, a: float, b: float):
+    span = (hi - lo) or 1.0
+    return lambda v: a + (v - lo) / span * (b - a)
+
+
+def line_chart(title: str, series: list[tuple[str, list[tuple[float, float]]]], *, xlabel: str, ylabel: str,
+               hlines: list[tuple[str, float]] = (), step: bool = False) -> str:
+    """An SVG line chart; ``step`` draws a staircase (cumulative spend)."""
+    points = [p for _, pts in series for p in pts]
+    if not points:
+        return f"<h3>{html.escape(title)}</h3><p class=empty>no data yet</p>"
+    xs = [p[0] for p in points]
+    ys = [p[1] for p in points] + [y for _, y in hlines]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys + [0.0]) if step else min(ys), max(ys)
+    if y1 == y0:
+        y1 = y0 + 1.0
+    sx, sy = _scale(x0, x1, PAD, W - 12), _scale(y0, y1, H - PAD, 16)
+    out = [f'<h3>{html.escape(title)}</h3><svg viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img">',
+           f'<rect x="{PAD}" y="16" width="{W - PAD - 12}" height="{H - PAD - 16}" fill="#fafafa" stroke="#ccc"/>']
+    for i in range(5):
+        yv = y0 + (y1 - y0) * i / 4
+        out.append(f'<text x="{PAD - 4}" y="{sy(yv) + 4:.1f}" font-size="10" text-anchor="end">{yv:.3g}</text>')
+        xv = x0 + (x1 - x0) * i / 4
+        out.append(f'<text x="{sx(xv):.1f}" y="{H - PAD + 14}" font-size="10" text-anchor="middle">{xv:.3g}</text>')
+    out.append(f'<text x="{(W + PAD) / 2}" y="{H - 8}" font-size="11" text-anchor="middle">{html.escape(xlabel)}</text>')
+    out.append(f'<text x="12" y="{H / 2}" font-size="11" transform="rotate(-90 12 {H / 2})" '
+               f'text-anchor="middle">{html.escape(ylabel)}</text>')
+    for label, y in hlines:
+        out.append(f'<line x1="{PAD}" x2="{W - 12}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#d62728" '
+                   f'stroke-dasharray="5,4"/><text x="{W - 14}" y="{sy(y) - 4:.1f}" font-size="10" '
+                   f'text-anchor="end" fill="#d62728">{html.escape(label)}</text>')
+    legend = []
+    for i, (label, pts) in enumerate(series):
+        color = PALETTE[i % len(PALETTE)]
+        pts = sorted(pts)
+        if step:
+            path, prev = [], None
+            for x, y in pts:
+                if prev is not None:
+                    path.append((x, prev))
+                path.append((x, y))
+                prev = y
+            pts = path
+        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{coords}"/>')
+        legend.append(f'<span style="color:{color}">&#9632;</span> {html.escape(label)}')
+    out.append("</svg>")
+    out.append(f'<div class=legend>{" &nbsp; ".join(legend)}</div>')
+    return "".join(out)
+
+
+def _final_meta(job) -> dict[str, Any]:
+    try:
+        ref = open_store(job.spec["checkpoint"]["store"]).final(job.id)
+    except (StorageError, KeyError):
+        return {}
+    return ref.meta if ref else {}
+
+
+def build_report(store, config, now: float | None = None) -> str:
+    now = now or time.time()
+    sections = []
+    # 1. loss curves: every sweep's trials (rungs joined), then recent standalone jobs
+    for sweep_id in store.sweep_ids():
+        sweep = store.get_sweep(sweep_id)
+        by_trial: dict[int, list[tuple[float, float]]] = {}
+        for t in store.trials(sweep_id):
+            meta = _final_meta(store.get_job(t["job_id"]))
+            by_trial.setdefault(t["trial"], []).extend((float(s), float(v)) for s, v in meta.get("eval_history", []))
+        series = [(f"trial {k} {_params(store, sweep_id, k)}", pts) for k, pts in sorted(by_trial.items())]
+        sections.append(line_chart(f"Sweep {sweep['name']} ({sweep_id}): eval loss per trial", series,
+                                   xlabel="step", ylabel="eval loss"))
+    jobs = [j for j in store.list_jobs(limit=200) if not j.sweep_id][:10]
+    series = []
+    for job in jobs:
+        meta = _final_meta(job)
+        if meta.get("history"):
+            series.append((f"{job.id} {job.name}", [(float(s), float(v)) for s, v in meta["history"]]))
+    sections.append(line_chart("Training loss per job (latest 10)", series, xlabel="step", ylabel="loss"))
+    # 2. spend over time against the budgets
+    rows = store.spend_rows()
+    total, pts = 0.0, []
+    for r in rows:
+        total += r["usd"]
+        pts.append(((r["ts"] - now) / 3600.0, total))
+    hlines = []
+    if config.budget_monthly_usd is not None:
+        hlines.append(("monthly budget", config.budget_monthly_usd))
+    for sweep_id in store.sweep_ids():
+        sweep = store.get_sweep(sweep_id)
+        hlines.append((f"sweep {sweep['name']} budget", sweep["budget_usd"]))
+    sections.append(line_chart("Cumulative spend", [("recorded spend", pts)], xlabel="hours ago (0 = now)",
+                               ylabel="USD", hlines=hlines, step=True))
+    # 3. the team's own machines: attempts running at once on the local provider
+    events = []
+    for job in store.list_jobs(limit=2000):
+        for a in store.attempts_for(job.id):
+            if a.provider == "local" and a.started_at:
+                events += [(a.started_at, 1), (a.ended_at or now, -1)]
+    busy, curve = 0, []
+    for ts, delta in sorted(events):
+        curve.append(((ts - now) / 3600.0, busy))
+        busy += delta
+        curve.append(((ts - now) / 3600.0, busy))
+    sections.append(line_chart("Local capacity in use (attempts running at once)", [("local attempts", curve)],
+                               xlabel="hours ago (0 = now)", ylabel="attempts"))
+    month = store.spend_since(month_start(now))
+    head = (f"<p>Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(now))}. "
+            f"Jobs: {sum(store.count_jobs_by_state().values())}; spend this month ${month:.2f}"
+            + (f" of ${config.budget_monthly_usd:.2f}" if config.budget_monthly_usd is not None else "") + ".</p>")
+    return (
+        "<!doctype html><html><head><meta charset=utf-8><title>tunefleet report</title><style>"
+        "body{font-family:system-ui,sans-serif;max-width:720px;margin:2em auto;color:#222}"
+        "h3{margin-top:2em}.legend{font-size:12px;margin:4px 0 0 48px}.empty{color:#888}"
+        "</style></head><body><h1>tunefleet report</h1>" + head + "".join(sections) + "</body></html>"
+    )
+
+
+def _params(store, sweep_id: str, trial: int) -> str:
+    t = next((t for t in store.trials(sweep_id) if t["trial"] == trial), None)
+    if t is None:
+        return ""
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
