@@ -25,7 +25,7 @@ def _scale(lo: float, hi: float, a: float, b: float):
 
 
 def line_chart(title: str, series: list[tuple[str, list[tuple[float, float]]]], *, xlabel: str, ylabel: str,
-               hlines: list[tuple[str, float]] = (), step: bool = False) -> str:
+               hlines: list[tuple[str, float]] = (), step: bool = False, markers: bool = True) -> str:
     """An SVG line chart; ``step`` draws a staircase (cumulative spend)."""
     points = [p for _, pts in series for p in pts]
     if not points:
@@ -53,7 +53,7 @@ def line_chart(title: str, series: list[tuple[str, list[tuple[float, float]]]], 
     legend = []
     for i, (label, pts) in enumerate(series):
         color = PALETTE[i % len(PALETTE)]
-        pts = sorted(pts)
+        pts = sorted(pts, key=lambda p: p[0])  # stable: keeps the order of points at the same x
         if step:
             path, prev = [], None
             for x, y in pts:
@@ -64,6 +64,8 @@ def line_chart(title: str, series: list[tuple[str, list[tuple[float, float]]]], 
             pts = path
         coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
         out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{coords}"/>')
+        if markers and not step and len(pts) <= 60:  # few points (eval losses): mark them, a lone one included
+            out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"/>' for x, y in pts]
         legend.append(f'<span style="color:{color}">&#9632;</span> {html.escape(label)}')
     out.append("</svg>")
     out.append(f'<div class=legend>{" &nbsp; ".join(legend)}</div>')
@@ -124,7 +126,7 @@ def build_report(store, config, now: float | None = None) -> str:
         busy += delta
         curve.append(((ts - now) / 3600.0, busy))
     sections.append(line_chart("Local capacity in use (attempts running at once)", [("local attempts", curve)],
-                               xlabel="hours ago (0 = now)", ylabel="attempts"))
+                               xlabel="hours ago (0 = now)", ylabel="attempts", markers=False))
     month = store.spend_since(month_start(now))
     head = (f"<p>Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(now))}. "
             f"Jobs: {sum(store.count_jobs_by_state().values())}; spend this month ${month:.2f}"
