@@ -514,6 +514,19 @@ class Daemon:
                 done_steps=latest.step if latest else 0,
             )
             viable = [p for p in placements if p.viable]
+            policy = job.spec.get("policy") or {}
+            if not viable and policy.get("deadline") and any("deadline" in p.reason for p in placements):
+                # Late beats never: run it on the best offer that ignores only the deadline, and say so.
+                relaxed = {**job.spec, "policy": {**policy, "deadline": None}}
+                late = [p for p in rank(relaxed, est, rentable, now=now, avoid=self._avoid,
+                                        spent_usd=job.cost_usd, done_steps=latest.step if latest else 0) if p.viable]
+                if late:
+                    if self._waiting.get(job.id) != "late":
+                        self.store.add_event(job.id, "late", "no offer can meet the deadline; running on the best "
+                                             "one anyway", data={"offer": late[0].offer.offer_id,
+                                                                 "finish_at": late[0].finish_at})
+                        self._waiting[job.id] = "late"
+                    viable = late[:1]
             if not viable:
                 reasons = [f"{p.offer.provider}/{p.offer.offer_id}: {p.reason}" for p in placements[:5]]
                 reasons += [f"{name}: {why}" for name, why in sorted(result.problems.items())]
@@ -539,6 +552,7 @@ class Daemon:
                     log.warning("job waiting for budget", reason=why)
                 continue
             self._waiting.pop(job.id, None)
+            self._checked.pop(job.id, None)
             self._launch(job, chosen, log, latest.step if latest else 0, len(viable))
 
     def _sweep_full(self, sweep_id: str) -> bool:

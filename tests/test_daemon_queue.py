@@ -46,3 +46,16 @@ def test_priority_first_then_oldest_and_one_attempt_each(tmp_path):
     daemon.run(until_idle=True, max_seconds=30)
     for j in [*low, high]:
         assert store.get_job(j).state is JobState.SUCCEEDED and len(store.attempts_for(j)) == 1
+
+
+def test_a_job_that_cannot_meet_its_deadline_runs_late_and_says_so(tmp_path):
+    store, config, daemon = _daemon(tmp_path)
+    spec = load_job_file(EXAMPLE)
+    import datetime as dt
+
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    late = spec.model_copy(update={"policy": spec.policy.model_copy(update={"deadline": past})})
+    job_id = submit_spec(store, late, config)
+    daemon.run(until_idle=True, max_seconds=30)
+    assert store.get_job(job_id).state is JobState.SUCCEEDED
+    assert [e.kind for e in store.events(job_id)].count("late") == 1
