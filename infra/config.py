@@ -18,6 +18,7 @@ checkpoints go by default must be the same for every command that talks to the s
     local_cpu_watts: 65               # when a job runs on the CPU
     usd_per_kwh: 0.15
     budget_monthly_usd: 500           # global cap on recorded spend per calendar month (UTC)
+    provider_limits: {vast: 4, skypilot: 2}   # most attempts at once per provider
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class Config:
     usd_per_kwh: float = 0.15
     launch_timeout_s: float = 900.0
     budget_monthly_usd: float | None = None
+    provider_limits: tuple[tuple[str, int], ...] = ()  # provider -> most attempts at once
+
+    def provider_limit(self, provider: str) -> int | None:
+        return dict(self.provider_limits).get(provider)
 
     @property
     def db_path(self) -> Path:
@@ -88,6 +93,10 @@ def load_config(home: Path | None = None) -> Config:
     if os.environ.get("TUNEFLEET_RAY_ADDRESS"):
         raw["ray_address"] = os.environ["TUNEFLEET_RAY_ADDRESS"]
     values: dict[str, Any] = {}
+    limits = raw.pop("provider_limits", None) or {}
+    if not isinstance(limits, dict) or not all(isinstance(v, int) and v >= 0 for v in limits.values()):
+        raise ConfigError(f"{path}: provider_limits must map provider names to attempt counts, e.g. {{vast: 4}}")
+    values["provider_limits"] = tuple(sorted((str(k), int(v)) for k, v in limits.items()))
     for key, value in raw.items():
         if value is None:
             continue

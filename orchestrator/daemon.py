@@ -503,7 +503,8 @@ class Daemon:
             if job.sweep_id and self._sweep_full(job.sweep_id):
                 continue
             allowed = (job.spec.get("policy") or {}).get("providers")
-            providers = {n: p for n, p in self.providers.items() if not allowed or n in allowed}
+            providers = {n: p for n, p in self.providers.items()
+                         if (not allowed or n in allowed) and not self._provider_full(n)}
             est = self._estimate(job)
             result = gather_offers(providers, job.spec, est, pool=self._offer_pool())
             # a snapshot price is a quote, not something that can be rented (no credentials)
@@ -554,6 +555,10 @@ class Daemon:
             self._waiting.pop(job.id, None)
             self._checked.pop(job.id, None)
             self._launch(job, chosen, log, latest.step if latest else 0, len(viable))
+
+    def _provider_full(self, provider: str) -> bool:
+        limit = self.config.provider_limit(provider)
+        return limit is not None and sum(1 for a in self.store.live_attempts() if a.provider == provider) >= limit
 
     def _sweep_full(self, sweep_id: str) -> bool:
         sweep = self.store.get_sweep(sweep_id)

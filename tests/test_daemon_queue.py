@@ -59,3 +59,29 @@ def test_a_job_that_cannot_meet_its_deadline_runs_late_and_says_so(tmp_path):
     daemon.run(until_idle=True, max_seconds=30)
     assert store.get_job(job_id).state is JobState.SUCCEEDED
     assert [e.kind for e in store.events(job_id)].count("late") == 1
+
+
+def test_per_provider_concurrency_limit(tmp_path):
+    from dataclasses import replace
+
+    store, config, _ = _daemon(tmp_path)
+    config = replace(config, provider_limits=(("instant", 0),))
+    daemon = Daemon(store, config, {"instant": InstantProvider()})
+    job_id = submit_spec(store, load_job_file(EXAMPLE), config)
+    daemon.tick()
+    assert store.get_job(job_id).state is JobState.QUEUED and not store.attempts_for(job_id)
+    daemon = Daemon(store, replace(config, provider_limits=(("instant", 1),)), {"instant": InstantProvider()})
+    daemon.run(until_idle=True, max_seconds=30)
+    assert store.get_job(job_id).state is JobState.SUCCEEDED
+
+
+def test_config_rejects_malformed_provider_limits(tmp_path, monkeypatch):
+    import pytest
+
+    from infra.config import ConfigError, load_config
+
+    (tmp_path / "config.yaml").write_text("provider_limits: {vast: many}\n")
+    with pytest.raises(ConfigError, match="provider_limits"):
+        load_config(tmp_path)
+    (tmp_path / "config.yaml").write_text("provider_limits: {vast: 4}\n")
+    assert load_config(tmp_path).provider_limit("vast") == 4
