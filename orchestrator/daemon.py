@@ -41,6 +41,7 @@ EXIT_PREEMPTED = 75  # mirrors jobs.train.EXIT_PREEMPTED (the payload's side of 
 EXIT_BAD_INPUT = 2
 BATCH = 50  # queued jobs considered per tick
 RECHECK_S = 10.0  # how often a job waiting for capacity or budget is looked at again
+SETTLE_S = 3.0  # after an attempt ends, providers' views of free capacity may lag this long
 _SIGNAL_EXITS = {-signal.SIGKILL: "SIGKILL", -signal.SIGTERM: "SIGTERM", 137: "SIGKILL", 143: "SIGTERM"}
 
 
@@ -126,6 +127,8 @@ class Daemon:
         self._stores: dict[str, CheckpointStore] = {}
         self._waiting: dict[str, str] = {}  # job id -> reason it is waiting (event written once)
         self._checked: dict[str, float] = {}  # job id -> when placement was last tried
+        self._freed = False  # an attempt ended since the last placement pass
+        self._freed_at = 0.0
         self._pool = None  # one thread pool for asking providers, for the daemon's lifetime
         self._avoid: dict[tuple[str, str], float] = {}  # (provider, offer) -> until
         self._estimates: dict[str, Any] = {}  # job id -> Estimate (None when it cannot be made)
@@ -176,11 +179,12 @@ class Daemon:
         self.log.info("daemon stopped; running attempts are left running and adopted on restart")
 
     def idle(self) -> bool:
-        if self.store.live_attempts():
-            return False
+        if self.store.live_attempts() or self._freed or self.clock() - self._freed_at < SETTLE_S:
+            return False  # capacity was just freed: let the providers' views settle and look again
         return all(job_id in self._waiting for job_id in self.store.queued_ids())
 
     def tick(self) -> None:
+        self._finish_ended_attempts()
         for att in self.store.live_attempts():
             try:
                 self._reconcile(att)
@@ -284,6 +288,13 @@ class Daemon:
         if progress and progress.get("exit_code") is not None and status.state is not RunState.EXITED:
             # A remote payload's last word is in the store; the provider only sees a machine.
             status = RunStatus(RunState.EXITED, exit_code=int(progress["exit_code"]), detail="reported by the payload")
+        if (status.state is RunState.PENDING and att.state is AttemptState.LAUNCHING
+                and self.clock() - att.created_at > self.config.launch_timeout_s):
+            # capacity never came (or the start was lost): give it back and try elsewhere
+            prov.cancel(handle, grace_s=0)
+            self._end(att, job, _Outcome(AttemptState.PREEMPTED, f"not running after "
+                                         f"{self.config.launch_timeout_s:.0f} s (launch_timeout_s)"), None, log)
+            return
         if status.state in (RunState.RUNNING, RunState.PENDING) and att.state is AttemptState.LAUNCHING:
             if status.state is RunState.RUNNING:
                 self.store.transition_attempt(
@@ -301,6 +312,27 @@ class Daemon:
             self._end(att, job, classify_exit(status.exit_code), status.exit_code, log, progress)
         elif status.state is RunState.LOST:
             self._end(att, job, _Outcome(AttemptState.PREEMPTED, status.detail or "capacity lost"), None, log, progress)
+
+    def _finish_ended_attempts(self) -> None:
+        """An active job whose attempts have all ended: a daemon died between ending the attempt
+        and moving the job on. Release the attempt's machine and finish the job's half of _end."""
+        live = {a.job_id for a in self.store.live_attempts()}
+        for job in self.store.list_jobs([JobState.LAUNCHING, JobState.RUNNING, JobState.PREEMPTED]):
+            att = self.store.latest_attempt(job.id)
+            if job.id in live or att is None or att.live:
+                continue
+            log = self.log.bind(job_id=job.id, attempt_id=att.id)
+            log.warning("finishing a job whose attempt ended before a crash", state=att.state.value)
+            prov, handle = self.providers.get(att.provider), self._handle(att)
+            if prov is not None and handle is not None:
+                prov.release(handle)
+            reason = (att.end_reason or "").split("\n--- last lines", 1)[0]
+            job_state = (JobState.STOPPED_BUDGET if att.state is AttemptState.CANCELLED
+                         and reason.startswith("stopped by budget") else None)
+            latest = self._ckpt_store(job).latest_checkpoint(job.id)
+            end_step = att.end_step if att.end_step is not None else att.start_step
+            self._job_after_end(att, job, _Outcome(att.state, reason, job_state), att.exit_code,
+                                att.end_reason or reason, latest, end_step)
 
     def _end(
         self, att: AttemptRow, job: JobRow, outcome: _Outcome, exit_code: int | None, log, progress=None
@@ -330,7 +362,11 @@ class Daemon:
         if prov is not None and handle is not None:
             prov.release(handle)
         log.info("attempt ended", state=outcome.state.value, reason=outcome.reason, exit_code=exit_code, end_step=end_step)
+        self._job_after_end(att, job, outcome, exit_code, reason, latest, end_step)
 
+    def _job_after_end(self, att, job, outcome: _Outcome, exit_code, reason, latest, end_step) -> None:
+        self._freed, self._freed_at = True, self.clock()
+        final = self._ckpt_store(job).final(job.id) if outcome.state is AttemptState.SUCCEEDED else None
         job = self.store.get_job(job.id)  # a cancel may have been requested meanwhile
         if job.cancel_requested and outcome.state is not AttemptState.SUCCEEDED:
             outcome = _Outcome(AttemptState.CANCELLED, "cancelled by the user")
@@ -376,12 +412,13 @@ class Daemon:
     def _requeue_after_preemption(self, att, job, outcome, latest, end_step) -> None:
         preemptions = sum(1 for a in self.store.attempts_for(job.id) if a.state is AttemptState.PREEMPTED)
         resume = latest.step if latest else 0
-        self.store.transition_job(
-            job.id, JobState.PREEMPTED, kind="preempted",
-            message=f"attempt {att.seq} preempted at step {end_step}: {outcome.reason}",
-            data={"attempt": att.seq, "end_step": end_step, "checkpoint_step": resume},
-            reason=outcome.reason,
-        )
+        if job.state is not JobState.PREEMPTED:  # already there if a daemon died right after
+            self.store.transition_job(
+                job.id, JobState.PREEMPTED, kind="preempted",
+                message=f"attempt {att.seq} preempted at step {end_step}: {outcome.reason}",
+                data={"attempt": att.seq, "end_step": end_step, "checkpoint_step": resume},
+                reason=outcome.reason,
+            )
         self._avoid[(att.provider, att.offer_id)] = self.clock() + 60
         if preemptions > self.config.max_preemptions:
             self.store.transition_job(
@@ -494,9 +531,14 @@ class Daemon:
         self._avoid = {k: t for k, t in self._avoid.items() if t > now}
         # Jobs already waiting for capacity are looked at again every RECHECK_S, not every tick,
         # and never hold up the jobs behind them: read past them until BATCH fresh ones.
+        if self._freed:  # an attempt ended: capacity came back, so every waiting job is due now
+            self._checked.clear()
+            self._freed = False
         batch = self.store.next_queued(now, limit=BATCH + len(self._waiting))
         fresh = [j for j in batch if j.id not in self._waiting][:BATCH]
-        due = [j for j in batch if j.id in self._waiting and now - self._checked.get(j.id, 0.0) >= RECHECK_S]
+        settling = now - self._freed_at < SETTLE_S  # right after an attempt ended, look every tick
+        due = [j for j in batch if j.id in self._waiting
+               and (settling or now - self._checked.get(j.id, 0.0) >= RECHECK_S)]
         for job in fresh + due:
             self._checked[job.id] = now
             log = self.log.bind(job_id=job.id)

@@ -55,9 +55,12 @@ def _runner_class():
     class AttemptRunner:
         """Runs one attempt's payload as a subprocess on whichever node Ray placed it."""
 
-        def __init__(self) -> None:
+        def __init__(self, argv: list[str] | None = None, env: dict[str, str] | None = None,
+                     log_path: str | None = None) -> None:
             self.proc = None
             self.error: str | None = None
+            if argv is not None:  # part of the actor's creation: survives the daemon's death
+                self.start(argv, env or {}, log_path or os.devnull)
 
         def start(self, argv: list[str], env: dict[str, str], log_path: str) -> int | None:
             import subprocess
@@ -237,9 +240,12 @@ class LocalRayProvider(Provider):
             models = sorted(k.split(":", 1)[1] for k in total if k.startswith("accelerator_type:"))
             gpu = canonical_gpu(models[0]) if models else None
             info = gpu_info(gpu) if gpu else None
-            # Ray's view lags a just-created actor: also count what this daemon reserved itself
-            gpus = min(int(avail.get("GPU", 0)), int(total.get("GPU", 0)) - sum(g for g, _ in self._reserved.values()))
-            cpus = min(int(avail.get("CPU", 0)), int(total.get("CPU", 0)) - sum(c for _, c in self._reserved.values()))
+            # Ray's view lags actors created or killed a moment ago. An embedded instance is ours
+            # alone, so what this daemon reserved is the truth; on a shared cluster, trust both.
+            gpus = int(total.get("GPU", 0)) - sum(g for g, _ in self._reserved.values())
+            cpus = int(total.get("CPU", 0)) - sum(c for _, c in self._reserved.values())
+            if self.address:
+                gpus, cpus = min(gpus, int(avail.get("GPU", 0))), min(cpus, int(avail.get("CPU", 0)))
             return max(0, gpus), max(0, cpus), gpu, info.vram_gb if info else 0.0
         gpus = _nvidia_smi_gpus()
         cpus = self.num_cpus or os.cpu_count() or 1
@@ -296,8 +302,7 @@ class LocalRayProvider(Provider):
                 num_cpus=request.cpus,
                 num_gpus=offer.gpu_count,
                 get_if_exists=True,
-            ).remote()
-            actor.start.remote(argv, env, request.log_path)
+            ).remote(argv, env, request.log_path)
         except Exception as exc:
             raise LaunchFailed(f"Ray could not create the attempt actor: {exc}") from exc
         self._reserved[request.attempt_id] = (offer.gpu_count, request.cpus)
