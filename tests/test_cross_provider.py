@@ -132,14 +132,16 @@ def test_preempted_on_vast_resumes_on_the_local_gpu(tmp_path, model_cache):
                 attempts = db.attempts_for(b)
             assert [(x.provider, x.state.value) for x in attempts] == [("vast", "preempted"), ("local", "succeeded")]
             assert attempts[0].offer_id == "1001"
-            # resumed from the newest checkpoint the Vast attempt committed to S3: at most one interval lost
-            assert attempts[1].start_step >= 100 and attempts[0].end_step - attempts[1].start_step <= 50
+            # resumed from the newest checkpoint the Vast attempt committed to S3. Killed without warning,
+            # it loses the interval in progress plus a checkpoint still uploading in the background.
+            assert attempts[1].start_step >= 100 and attempts[1].start_step % 50 == 0
+            assert attempts[0].end_step - attempts[1].start_step <= 2 * 50
             kinds = [e["kind"] for e in json.loads(cli("events", b, "--json").stdout)]
             assert kinds.count("attempt_created") == 2 and "preempted" in kinds and "requeued" in kinds
             # Vast: exactly the chosen ask was rented; the paused instance was destroyed, not left billing
             rents = stub.calls("PUT", "/api/v0/asks/")
             assert [r.path for r in rents] == ["/api/v0/asks/1001/"]
-            assert stub.destroyed == set(stub.instances)
+            assert set(stub.destroyed) == set(stub.instances)
             # the store credentials reached the rented machine, but no log or event
             assert stub.env_of(next(iter(stub.instances)))["AWS_SECRET_ACCESS_KEY"] == SECRET
             daemon_log = (home / "logs" / "daemon.log").read_text()
