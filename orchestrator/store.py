@@ -639,17 +639,7 @@ class Store:
         data_json = _dump_dict({"name": name, "priority": priority, "sweep_id": sweep_id}, "data")
         now = self._now()
         with self._write() as c:
-            for _ in range(_MAX_ID_TRIES):
-                job_id = _random_job_id()
-                if c.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
-                    break
-            else:
-                raise StoreError(f"could not find a free job id in {_MAX_ID_TRIES} tries")
-            c.execute(
-                "INSERT INTO jobs (id, name, state, priority, spec_json, created_at, updated_at,"
-                " sweep_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, name, JobState.QUEUED.value, int(priority), spec_json, now, now, sweep_id),
-            )
+            job_id = self._insert_job(c, spec_json, name, priority, sweep_id, now)
             self._insert_event(
                 c,
                 job_id=job_id,
@@ -659,6 +649,24 @@ class Store:
                 data_json=data_json,
                 ts=now,
             )
+        return job_id
+
+    @staticmethod
+    def _insert_job(
+        c: sqlite3.Connection, spec_json: str, name: str, priority: int, sweep_id: str | None, now: float
+    ) -> str:
+        """Insert a queued job under a fresh random id (inside the caller's transaction)."""
+        for _ in range(_MAX_ID_TRIES):
+            job_id = _random_job_id()
+            if c.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
+                break
+        else:
+            raise StoreError(f"could not find a free job id in {_MAX_ID_TRIES} tries")
+        c.execute(
+            "INSERT INTO jobs (id, name, state, priority, spec_json, created_at, updated_at, sweep_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (job_id, name, JobState.QUEUED.value, int(priority), spec_json, now, now, sweep_id),
+        )
         return job_id
 
     def get_job(self, job_id: str) -> JobRow:
@@ -1292,17 +1300,7 @@ class Store:
         params_json = _dump_dict(params, "params")
         now = self._now()
         with self._write() as c:
-            for _ in range(_MAX_ID_TRIES):
-                job_id = _random_job_id()
-                if c.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
-                    break
-            else:
-                raise StoreError(f"could not find a free job id in {_MAX_ID_TRIES} tries")
-            c.execute(
-                "INSERT INTO jobs (id, name, state, priority, spec_json, created_at, updated_at, sweep_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, name, JobState.QUEUED.value, int(priority), spec_json, now, now, sweep_id),
-            )
+            job_id = self._insert_job(c, spec_json, name, priority, sweep_id, now)
             c.execute(
                 "INSERT INTO trials (sweep_id, trial, rung, job_id, params_json) VALUES (?, ?, ?, ?, ?)",
                 (sweep_id, trial, rung, job_id, params_json),
