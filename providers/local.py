@@ -295,7 +295,7 @@ class LocalRayProvider(Provider):
         if self.model_cache:
             env.setdefault("TUNEFLEET_MODEL_CACHE", self.model_cache)
         try:
-            actor = runner.options(
+            runner.options(
                 name=request.attempt_id,
                 namespace=NAMESPACE,
                 lifetime="detached",

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from tests.s3_fixtures import new_bucket, running_moto
-from tests.test_cli import EXAMPLE, tf
+from tests.test_cli import EXAMPLE
 from tests.vast_stub import VastStub, offer_row
 
 pytestmark = pytest.mark.slow

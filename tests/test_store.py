@@ -446,7 +446,7 @@ def test_create_attempt_for_non_queued_job_writes_nothing(
 ) -> None:
     job_id = store.submit({}, name="x")
     if setup != "succeeded":
-        att = store.create_attempt(job_id, provider="p", offer_id="o", usd_per_hour=1, start_step=0)
+        store.create_attempt(job_id, provider="p", offer_id="o", usd_per_hour=1, start_step=0)
         if setup == "running":
             store.transition_job(job_id, JobState.RUNNING, kind="r", message="r")
     else:
