@@ -362,11 +362,13 @@ class Daemon:
         if prov is not None and handle is not None:
             prov.release(handle)
         log.info("attempt ended", state=outcome.state.value, reason=outcome.reason, exit_code=exit_code, end_step=end_step)
-        self._job_after_end(att, job, outcome, exit_code, reason, latest, end_step)
+        self._job_after_end(att, job, outcome, exit_code, reason, latest, end_step, final)
 
-    def _job_after_end(self, att, job, outcome: _Outcome, exit_code, reason, latest, end_step) -> None:
+    def _job_after_end(self, att, job, outcome: _Outcome, exit_code, reason, latest, end_step, final=None) -> None:
+        """The job's half of an attempt's end. ``final``: the committed final adapter, if already read."""
         self._freed, self._freed_at = True, self.clock()
-        final = self._ckpt_store(job).final(job.id) if outcome.state is AttemptState.SUCCEEDED else None
+        if final is None and outcome.state is AttemptState.SUCCEEDED:
+            final = self._ckpt_store(job).final(job.id)
         job = self.store.get_job(job.id)  # a cancel may have been requested meanwhile
         if job.cancel_requested and outcome.state is not AttemptState.SUCCEEDED:
             outcome = _Outcome(AttemptState.CANCELLED, "cancelled by the user")
@@ -397,9 +399,7 @@ class Daemon:
         tps = (progress or {}).get("tokens_per_s")
         if not tps or tps <= 0:
             return
-        created = next((e for e in self.store.events(job.id)
-                        if e.kind == "attempt_created" and e.attempt_id == att.id), None)
-        offer = (created.data.get("offer") if created else None) or {}
+        offer = self._launch_record(att).get("offer") or {}
         if not offer.get("gpu"):
             return
         self.store.record_throughput(
@@ -460,10 +460,14 @@ class Daemon:
     def _accrued(self, att: AttemptRow, now: float) -> float:
         return att.usd_per_hour * max(0.0, now - (att.started_at or att.created_at)) / 3600.0
 
-    def _committed(self, att: AttemptRow, now: float) -> float:
+    def _launch_record(self, att: AttemptRow) -> dict[str, Any]:
+        """What the daemon wrote when it created this attempt (offer, estimate): its one record."""
         created = next((e for e in self.store.events(att.job_id)
                         if e.kind == "attempt_created" and e.attempt_id == att.id), None)
-        est = (created.data.get("est_usd") if created else None) or 0.0
+        return created.data if created else {}
+
+    def _committed(self, att: AttemptRow, now: float) -> float:
+        est = self._launch_record(att).get("est_usd") or 0.0
         return max(0.0, est - self._accrued(att, now))
 
     def _monthly_cap(self, now: float, exclude: str | None = None) -> Cap | None:
