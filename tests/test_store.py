@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 import orchestrator.store as store_mod
-from orchestrator.states import AttemptState, JobState
+import orchestrator.store.jobs as store_jobs_mod
+from orchestrator.states import AttemptState, EndReason, JobState
 from orchestrator.store import (
     SCHEMA_VERSION,
     AttemptNotFound,
@@ -66,7 +67,7 @@ def store(db_path: Path, clock: FakeClock) -> Iterator[Store]:
 
 def fixed_ids(monkeypatch: pytest.MonkeyPatch, ids: list[str]) -> None:
     it = iter(ids)
-    monkeypatch.setattr(store_mod, "_random_job_id", lambda: next(it))
+    monkeypatch.setattr(store_jobs_mod, "random_job_id", lambda: next(it))
 
 
 def raw(db_path: Path) -> sqlite3.Connection:
@@ -275,15 +276,40 @@ def test_next_queued_ties_break_by_id(store: Store, monkeypatch: pytest.MonkeyPa
     assert [j.id for j in store.next_queued(1e12, 10)] == ["jaaaaaaa", "jbbbbbbb", "jccccccc"]
 
 
-def test_next_queued_skips_jobs_with_cancel_pending(store: Store) -> None:
+def test_requeueing_a_job_with_a_cancel_pending_cancels_it_in_the_same_transaction(store: Store) -> None:
     job_id, att_id = running_job(store)
     store.request_cancel(job_id)
     store.transition_attempt(att_id, AttemptState.PREEMPTED, kind="lost", message="gone")
-    store.transition_job(job_id, JobState.QUEUED, kind="requeued", message="again")
-    assert store.get_job(job_id).cancel_requested
-    assert store.next_queued(1e12, 10) == []
-    with pytest.raises(InvalidTransition, match="cancel pending"):
+    row = store.transition_job(job_id, JobState.QUEUED, kind="requeued", message="again")
+    assert row.state is JobState.CANCELLED and row.reason == "cancelled by the user"
+    assert store.next_queued(1e12, 10) == [] and store.queued_ids() == []
+    assert [e.kind for e in store.events(job_id)][-1] == "cancelled"
+    with pytest.raises(InvalidTransition, match="already cancelled"):
         store.create_attempt(job_id, provider="p", offer_id="o", usd_per_hour=1, start_step=0)
+
+
+def test_v4_queued_jobs_with_a_cancel_pending_are_cancelled_by_the_migration(tmp_path: Path) -> None:
+    from orchestrator.store import MIGRATIONS
+    from orchestrator.store.schema import split_sql
+
+    db = tmp_path / "v4.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    for script in MIGRATIONS[:4]:
+        for statement in split_sql(script):
+            conn.execute(statement)
+    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '4')")
+    conn.execute("INSERT INTO jobs (id, name, state, spec_json, created_at, updated_at, cancel_requested)"
+                 " VALUES ('jstuck00', 'x', 'queued', '{}', 1, 1, 1), ('jfine000', 'y', 'queued', '{}', 1, 1, 0)")
+    conn.execute("INSERT INTO attempts (id, job_id, seq, provider, offer_id, state, created_at, end_reason)"
+                 " VALUES ('jstuck00.1', 'jstuck00', 1, 'p', 'o', 'cancelled', 1, 'stopped by budget: $1')")
+    conn.commit()
+    conn.close()
+    with Store(db) as s:
+        assert s.get_job("jstuck00").state is JobState.CANCELLED
+        assert s.get_job("jfine000").state is JobState.QUEUED
+        assert [e.kind for e in s.events("jstuck00")] == ["cancelled"]
+        assert s.get_attempt("jstuck00.1").end_code is EndReason.BUDGET_STOP
 
 
 def test_resolve_job_id(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,226 @@
+"""The store's connection, transactions and schema upgrade: what every part of the store builds on.
+
+Why it is shaped this way (the full story is in ``orchestrator.store``): one SQLite connection per
+object behind one lock; every write is one ``BEGIN IMMEDIATE`` transaction; the schema is migrated
+in place, in one transaction, and a newer file is refused untouched.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Self
+
+from orchestrator.states import JobState
+from orchestrator.store.rows import (
+    AttemptNotFound,
+    AttemptRow,
+    InvalidTransition,
+    JobNotFound,
+    JobRow,
+    StoreError,
+    attempt_row,
+    job_row,
+)
+from orchestrator.store.schema import MIGRATIONS, SCHEMA_VERSION, split_sql
+
+_BUSY_TIMEOUT_MS = 10_000
+
+class StoreBase:
+    """The connection, its lock and its transactions. One SQLite connection per object; safe to
+    share between threads.
+
+    The connection is opened with ``check_same_thread=False`` and every use of it goes
+    through one lock. A connection sees its own uncommitted writes, so without the lock a
+    reader thread could see half of another thread's transaction, or run its statement
+    inside it. Other processes are kept apart by SQLite's own locking.
+    """
+
+    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        self._lock = threading.RLock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = sqlite3.connect(
+                str(self.path),
+                timeout=_BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,  # autocommit; we issue BEGIN IMMEDIATE / COMMIT ourselves
+                check_same_thread=False,
+            )
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open state database {self.path}: {e}") from e
+        self._conn.row_factory = sqlite3.Row
+        try:
+            self._open()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        c = self._conn
+        try:
+            c.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+            # Check the version before anything that could write: switching the journal mode
+            # or migrating a file that a newer tunefleet wrote could damage it.
+            version = self._schema_version()
+            self._refuse_newer(version)
+            mode = self._enable_wal()
+            if str(mode).lower() != "wal":
+                raise StoreError(
+                    f"cannot put {self.path} in WAL mode (got {mode!r}); "
+                    "is it on a network filesystem?"
+                )
+            c.execute("PRAGMA synchronous=NORMAL")
+            c.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"cannot open state database {self.path}: {e}") from e
+        if version < SCHEMA_VERSION:
+            self._migrate()
+
+    def _enable_wal(self) -> str:
+        """``PRAGMA journal_mode=WAL``, retried while another connection holds the file.
+
+        Switching a fresh file to WAL needs an exclusive lock, and SQLite answers SQLITE_BUSY
+        at once instead of calling the busy handler. So when the CLI and the daemon open a
+        new database at the same moment, one of them would fail with "database is locked"
+        despite busy_timeout. Once the file is in WAL mode (a persistent property of the
+        file) the pragma takes no lock and this returns at once.
+        """
+        deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+        delay = 0.001
+        while True:
+            try:
+                return str(self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+            except sqlite3.OperationalError as e:
+                code = getattr(e, "sqlite_errorcode", sqlite3.SQLITE_BUSY) & 0xFF
+                if code != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
+    def _schema_version(self) -> int:
+        has_meta = self._conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        if not has_meta:
+            return 0
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def _refuse_newer(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {version}, but this tunefleet only knows "
+                f"version {SCHEMA_VERSION}: a newer tunefleet wrote it. Upgrade tunefleet; "
+                "the database was not modified."
+            )
+
+    def _migrate(self) -> None:
+        """Bring the schema up to date in one transaction.
+
+        The version is read again under the write lock: two processes may open a fresh file
+        at the same moment, and only one of them may create the tables.
+        """
+        with self._write() as c:
+            c.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            version = self._schema_version()
+            self._refuse_newer(version)
+            for script in MIGRATIONS[version:]:
+                for statement in split_sql(script):
+                    c.execute(statement)
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(SCHEMA_VERSION),),
+            )
+
+    def close(self) -> None:
+        """Close the connection. Safe to call twice."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transactions -------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                yield c
+                c.execute("COMMIT")
+            except BaseException:
+                # Also covers a failed COMMIT: never leave the shared connection inside an
+                # open transaction, or every later BEGIN on it would fail.
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._conn
+
+    def _now(self) -> float:
+        return float(self._clock())
+
+    def _insert_event(
+        self,
+        c: sqlite3.Connection,
+        *,
+        job_id: str,
+        attempt_id: str | None,
+        kind: str,
+        message: str,
+        data_json: str,
+        ts: float,
+    ) -> int:
+        cur = c.execute(
+            "INSERT INTO events (ts, job_id, attempt_id, kind, message, data_json) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (ts, job_id, attempt_id, kind, message, data_json),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    @staticmethod
+    def _fetch_job(c: sqlite3.Connection, job_id: str) -> JobRow:
+        r = c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if r is None:
+            raise JobNotFound(f"no job {job_id!r}")
+        return job_row(r)
+
+    @staticmethod
+    def _fetch_attempt(c: sqlite3.Connection, attempt_id: str) -> AttemptRow:
+        r = c.execute("SELECT * FROM attempts WHERE id = ?", (attempt_id,)).fetchone()
+        if r is None:
+            raise AttemptNotFound(f"no attempt {attempt_id!r}")
+        return attempt_row(r)
+
+    @staticmethod
+    def _check_job_transition(
+        job: JobRow, to: JobState, expected: frozenset[JobState] | None
+    ) -> None:
+        if job.state.terminal:
+            raise InvalidTransition(
+                f"job {job.id} is already {job.state.value}; cannot move it to {to.value}"
+            )
+        if expected is not None and job.state not in expected:
+            want = ", ".join(sorted(s.value for s in expected)) or "nothing"
+            raise InvalidTransition(
+                f"job {job.id} is {job.state.value}, expected {want}; not moving it to {to.value}"
+            )
