@@ -104,10 +104,18 @@ def _safe_url(url: str | None) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+def _env_policy() -> RetryPolicy:
+    """The default retry policy; ``TUNEFLEET_S3_DEADLINE_S`` sets how long one operation keeps trying
+    (default 30 s: a payload rides out longer outages in its own loop, ``jobs.channel``)."""
+    deadline = os.environ.get("TUNEFLEET_S3_DEADLINE_S")
+    return RetryPolicy(deadline_s=float(deadline)) if deadline else RetryPolicy()
+
+
 class S3Store(CheckpointStore):
     """Checkpoints under ``s3://bucket/prefix``. Thread-safe (one boto3 client, used concurrently)."""
 
     list_page_size = 1000  # keys per ListObjectsV2 page (S3's maximum)
+    control_poll_s = float(os.environ.get("TUNEFLEET_S3_CONTROL_POLL_S", "10"))  # one GET per this many seconds
 
     def __init__(
         self,
@@ -125,7 +133,7 @@ class S3Store(CheckpointStore):
         i.e. the standard chain). Nothing touches the network until the first operation."""
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.uri = f"s3://{self.bucket}/{self.prefix}"
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or _env_policy()
         session = session or boto3.session.Session()
         self.region = region or session.region_name or os.environ.get("AWS_REGION") or "us-east-1"
         self._client = session.client(

@@ -85,10 +85,19 @@ def _iter_files(folder: Path) -> Iterator[Path]:
             yield p
 
 
+def is_permanent(exc: BaseException) -> bool:
+    """A store fault that no retry fixes (access denied, no such bucket, a corrupt checkpoint).
+    Anything else (a timeout, a 503, a full disk) may pass, and is worth another try later."""
+    return isinstance(exc, StorageError) and not getattr(exc, "transient", False)
+
+
 class CheckpointStore(ABC):
     """One interface for every backend. Subclasses implement only the object primitives."""
 
     uri: str
+    #: How often a payload reads its control object (``<job>/control.json``) here, in seconds:
+    #: a local stat-and-read is cheap; on object storage it is a request, so less often.
+    control_poll_s: float = 0.5
 
     # ---- object primitives (keys are '/'-separated, relative to the store root) ----
     @abstractmethod
@@ -262,6 +271,17 @@ class CheckpointStore(ABC):
             self.delete_keys([k for k in keys if k not in manifest])
             deleted.append(step)
         return deleted
+
+    def probe(self) -> None:
+        """Write, read back and delete one small object under the store's root: proof that this
+        store exists and these credentials may write there. Raises StorageError saying what failed."""
+        key = f".tunefleet-probe/{os.getpid()}-{time.time_ns()}"
+        self.put_bytes(key, b"tunefleet")
+        try:
+            if self.get_bytes(key) != b"tunefleet":
+                raise StorageError(f"{self.key_uri(key)}: wrote an object but could not read it back")
+        finally:
+            self.delete_keys([key])
 
     # ---- small status objects ----
     def write_json(self, job_id: str, name: str, obj: dict[str, Any]) -> None:

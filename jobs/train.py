@@ -10,8 +10,13 @@ Contract with the orchestrator:
 - Every ``save_every`` steps the Trainer writes a checkpoint; a callback uploads it and commits it
   (manifest last), then applies retention.
 - SIGTERM means "you are being preempted": finish the current step, save, commit, exit 75.
-- It writes ``progress.json`` (step, loss, tokens/s, checkpoint) to the store as it goes.
-- Exit codes: 0 done (final adapter committed), 75 preempted (resumable), 2 bad input, 1 failure.
+- ``control.json`` saying stop (a budget cap), or its budget lease running out, means the same,
+  with exit 76.
+- It writes ``progress.json`` (step, loss, tokens/s, checkpoint, a heartbeat) to the store as it
+  goes; store outages are ridden out off the training thread (``jobs.channel``).
+- Exit codes (``jobs.exits``): 0 done (final adapter committed), 75 preempted, 76 stopped as told
+  (both resumable), 2 bad input, 3 this machine cannot run it, 69 the store stayed unreachable,
+  1 failure.
 
 Imports only ``jobs`` and ``infra``.
 """
@@ -25,17 +30,28 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
+from infra.storage import StorageError
+from jobs.channel import Beacon, StoreUnavailable, Uploader, find_resume_point, retry_store
+from jobs.exits import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    EXIT_SETUP_FAILED,
+    EXIT_STOPPED,
+    EXIT_STORE_UNAVAILABLE,
+)
+
 UPLOAD_DRAIN_S = float(os.environ.get("TUNEFLEET_UPLOAD_DRAIN_S", "600"))
+
+
+class SetupError(Exception):
+    """This machine cannot run the payload (a package missing, no GPU where one is required)."""
 
 
 class _Preemption:
@@ -90,30 +106,6 @@ def _load_spec(ns: argparse.Namespace):
     return JobSpec.from_payload_dict(raw)
 
 
-class Progress:
-    """Writes the small progress object the daemon reads; never lets a write failure kill training."""
-
-    def __init__(self, store, job_id: str, attempt_id: str):
-        self.store, self.job_id = store, job_id
-        self.doc: dict[str, Any] = {"attempt_id": attempt_id, "state": "starting", "step": 0}
-        self._last = 0.0
-        self._lock = threading.Lock()
-
-    def update(self, force: bool = False, **fields: Any) -> None:
-        with self._lock:  # the training loop and the upload thread both report
-            self.doc.update(fields)
-            now = time.time()
-            if not force and now - self._last < 0.5:
-                return
-            self._last = now
-            self.doc["updated_at"] = now
-            doc = dict(self.doc)
-        try:
-            self.store.write_json(self.job_id, "progress.json", doc)
-        except Exception as exc:  # progress is advisory; checkpoints are what matter
-            print(f"[tunefleet] progress write failed: {exc}", file=sys.stderr, flush=True)
-
-
 def resolve_device(spec) -> str:
     import torch
 
@@ -121,7 +113,7 @@ def resolve_device(spec) -> str:
     if wants_gpu and torch.cuda.is_available():
         return "cuda"
     if wants_gpu and spec.resources.device == "cuda":
-        raise RuntimeError("the job asks for device: cuda, but no CUDA GPU is visible here")
+        raise SetupError("the job asks for device: cuda, but no CUDA GPU is visible here")
     return "cpu"
 
 
@@ -173,78 +165,12 @@ def load_model_and_tokenizer(spec, device: str):
     return model, tokenizer, use_bf16
 
 
-def find_resume_point(store, job_id: str, work_dir: Path) -> tuple[Path | None, int]:
-    """Download the newest committed checkpoint that verifies; fall back to older ones."""
-    from infra.storage import CorruptCheckpoint
-
-    for ref in reversed(store.list_checkpoints(job_id)):
-        dest = work_dir / f"checkpoint-{ref.step}"
-        shutil.rmtree(dest, ignore_errors=True)
-        try:
-            store.download(ref, dest)
-        except CorruptCheckpoint as exc:
-            print(f"[tunefleet] skipping checkpoint {ref.step}: {exc}", file=sys.stderr, flush=True)
-            continue
-        return dest, ref.step
-    return None, 0
-
-
-class Uploader:
-    """Commits checkpoints in the background, in order, so training never waits for the network.
-
-    Each checkpoint folder is first hard-linked into a staging folder (instant, and immune to the
-    Trainer rotating the original away); one worker thread uploads and commits them oldest first
-    and applies retention. ``drain`` waits for everything queued, with a deadline: before the
-    final adapter, and when SIGTERM asks to save and leave.
-    """
-
-    def __init__(self, store, job_id: str, keep: int, progress: Progress, staging: Path):
-        import concurrent.futures as cf
-
-        self.store, self.job_id, self.keep, self.progress = store, job_id, keep, progress
-        self.staging = staging
-        self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
-        self.futures: list = []
-        self.committed: list[int] = []
-        self.upload_s = 0.0
-
-    def submit(self, step: int, folder: Path, meta: dict[str, Any]) -> None:
-        snap = self.staging / f"checkpoint-{step}"
-        shutil.rmtree(snap, ignore_errors=True)
-        try:
-            shutil.copytree(folder, snap, copy_function=os.link)
-        except OSError:  # another filesystem: copy instead
-            shutil.rmtree(snap, ignore_errors=True)
-            shutil.copytree(folder, snap)
-        self.futures.append(self.pool.submit(self._commit, step, snap, meta))
-
-    def _commit(self, step: int, snap: Path, meta: dict[str, Any]) -> None:
-        t0 = time.monotonic()
-        ref = self.store.commit_checkpoint(self.job_id, step, snap, meta=meta)
-        self.store.apply_retention(self.job_id, self.keep)
-        shutil.rmtree(snap, ignore_errors=True)
-        self.upload_s += time.monotonic() - t0
-        self.committed.append(step)
-        self.progress.update(force=True, checkpoint_step=ref.step, checkpoint_uri=ref.uri)
-        print(f"[tunefleet] committed checkpoint {ref.step} -> {ref.uri}", file=sys.stderr, flush=True)
-
-    def drain(self, timeout_s: float | None = None) -> None:
-        """Wait for every queued commit; re-raise the first upload error (a lost checkpoint is fatal)."""
-        import concurrent.futures as cf
-
-        done, pending = cf.wait(self.futures, timeout=timeout_s)
-        if pending:
-            raise TimeoutError(f"{len(pending)} checkpoint upload(s) still running after {timeout_s} s")
-        for fut in done:
-            fut.result()
-        self.futures = []
-
-
-def _make_callback(uploader: Uploader, attempt_id: str, progress: Progress, tokens_per_step: float):
+def _make_callback(uploader: Uploader, attempt_id: str, progress: Beacon, tokens_per_step: float):
     from transformers import TrainerCallback
 
     class StoreCallback(TrainerCallback):
-        """Commits each checkpoint the Trainer writes, reports progress, obeys SIGTERM."""
+        """Commits each checkpoint the Trainer writes, reports progress, obeys SIGTERM and the
+        daemon's control object (both: save at this step, then leave)."""
 
         def __init__(self) -> None:
             self.t0 = time.time()
@@ -257,7 +183,7 @@ def _make_callback(uploader: Uploader, attempt_id: str, progress: Progress, toke
             self.t0 = time.time()
             PREEMPTION.training = True
             progress.update(force=True, state="running", step=state.global_step, total_steps=state.max_steps)
-            if PREEMPTION.requested:
+            if PREEMPTION.requested or progress.should_stop():
                 control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -277,7 +203,7 @@ def _make_callback(uploader: Uploader, attempt_id: str, progress: Progress, toke
                 epoch=state.epoch,
                 tokens_per_s=round(done * tokens_per_step / elapsed, 1),
             )
-            if PREEMPTION.requested:
+            if PREEMPTION.requested or progress.should_stop():
                 control.should_save = True
                 control.should_training_stop = True
 
@@ -291,15 +217,22 @@ def _make_callback(uploader: Uploader, attempt_id: str, progress: Progress, toke
 
 def train(ns: argparse.Namespace) -> int:
     from infra.storage import open_store
-    from jobs import data as data_mod
 
     spec = _load_spec(ns)
     store = open_store(ns.store)
     job_id = ns.job_id
     if not job_id:
         raise ValueError("no job id: pass --job-id or set TUNEFLEET_JOB_ID")
-    progress = Progress(store, job_id, ns.attempt_id)
+    progress = Beacon(store, job_id, ns.attempt_id).start()
     progress.update(force=True, state="starting")
+    try:
+        return _train(ns, spec, store, job_id, progress)
+    finally:
+        progress.close()
+
+
+def _train(ns: argparse.Namespace, spec, store, job_id: str, progress: Beacon) -> int:
+    from jobs import data as data_mod
 
     # bitsandbytes' CPU 4-bit kernels use OpenMP threads of their own, beyond torch.set_num_threads,
     # and their results depend on the thread count: pin it (before torch loads) to the CPUs the job
@@ -310,9 +243,12 @@ def train(ns: argparse.Namespace) -> int:
     work_dir = Path(ns.work_dir or tempfile.mkdtemp(prefix=f"tunefleet-{job_id}-"))
     work_dir.mkdir(parents=True, exist_ok=True)
 
-    import torch
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    try:
+        import torch
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+    except ImportError as exc:
+        raise SetupError(f"the training packages are not installed here: {exc}") from exc
 
     device = resolve_device(spec)
     if device == "cpu":
@@ -409,6 +345,11 @@ def train(ns: argparse.Namespace) -> int:
         print(f"[tunefleet] preempted at step {step}; checkpoint committed, exiting {EXIT_PREEMPTED}",
               file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
+    if progress.should_stop() and step < trainer.state.max_steps:
+        progress.update(force=True, state="stopped", step=step)
+        print(f"[tunefleet] stopped at step {step} ({progress.should_stop()}); checkpoint committed, "
+              f"exiting {EXIT_STOPPED}", file=sys.stderr, flush=True)
+        return EXIT_STOPPED
 
     eval_loss = None
     if val_ex:
@@ -436,7 +377,8 @@ def train(ns: argparse.Namespace) -> int:
         "resumed_from_step": resume_step,
     }
     (final_dir / "tunefleet_training.json").write_text(json.dumps(meta, indent=1))
-    ref = store.commit_final(job_id, final_dir, meta=meta)
+    ref = retry_store("committing the final adapter", lambda: store.commit_final(job_id, final_dir, meta=meta),
+                      deadline_s=UPLOAD_DRAIN_S)
     progress.update(
         force=True, state="succeeded", step=step, loss=callback.loss, eval_loss=eval_loss,
         adapter_uri=ref.uri, final_loss=callback.loss,
@@ -464,7 +406,7 @@ def _optimizer(name: str, device: str) -> str:
     return name
 
 
-_EXIT_STATES = {EXIT_OK: "succeeded", EXIT_PREEMPTED: "preempted"}
+_EXIT_STATES = {EXIT_OK: "succeeded", EXIT_PREEMPTED: "preempted", EXIT_STOPPED: "stopped"}
 
 
 def _report_exit(ns: argparse.Namespace, code: int, error: str | None) -> None:
@@ -499,6 +441,12 @@ def main(argv: list[str] | None = None) -> int:
         code = train(ns)
     except SystemExit as exc:
         code = int(exc.code or 0)
+    except (StoreUnavailable, StorageError) as exc:  # never the job's own failure: the daemon decides
+        print(f"[tunefleet] store unavailable: {exc}", file=sys.stderr, flush=True)
+        code, error = EXIT_STORE_UNAVAILABLE, f"store unavailable: {exc}"
+    except SetupError as exc:
+        print(f"[tunefleet] cannot run here: {exc}", file=sys.stderr, flush=True)
+        code, error = EXIT_SETUP_FAILED, f"setup failed: {exc}"
     except (ValueError, FileNotFoundError) as exc:
         print(f"[tunefleet] bad input: {exc}", file=sys.stderr, flush=True)
         traceback.print_exc()
