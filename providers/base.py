@@ -49,6 +49,9 @@ class Offer:
     on_premises: bool = False  # data never leaves
     owned: bool = False  # the team's own hardware, priced at its marginal (power) cost
     startup_s: float = 0.0
+    cpus: int = 0  # vCPUs of the machine (0: not reported)
+    ram_gb: float = 0.0  # host memory (0: not reported); a CPU placement needs the whole job in it
+    available: bool = True  # False: the capacity exists but is taken now (owned GPUs busy): wait for it
     price_source: PriceSource = PriceSource.COST_MODEL
     price_date: str | None = None  # for snapshot/catalog prices: when they were published
     # Managed fine-tuning APIs price the whole job (per token), not the hour: then usd_total is the
@@ -74,6 +77,9 @@ class Offer:
             "on_premises": self.on_premises,
             "owned": self.owned,
             "startup_s": self.startup_s,
+            "cpus": self.cpus,
+            "ram_gb": self.ram_gb,
+            "available": self.available,
             "price_source": str(self.price_source),
             "price_date": self.price_date,
             "usd_total": self.usd_total,
@@ -97,6 +103,10 @@ class RunStatus:
     state: RunState
     exit_code: int | None = None
     detail: str = ""
+    # For LOST: "preempted" when the provider knows the capacity was reclaimed (outbid, spot
+    # notice), "lost" when it just vanished. The daemon maps it through one table
+    # (orchestrator.outcomes); None lets the daemon decide.
+    cause: str | None = None
 
 
 @dataclass(frozen=True)

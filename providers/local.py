@@ -152,6 +152,13 @@ def _nvidia_smi_gpus() -> list[tuple[str, float]]:
     return gpus
 
 
+def _host_ram_gb() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (ValueError, OSError, AttributeError):
+        return 0.0
+
+
 class LocalRayProvider(Provider):
     """Local GPUs (or the CPU) of a Ray cluster, priced by the cost model in config."""
 
@@ -231,8 +238,9 @@ class LocalRayProvider(Provider):
         return True, f"embedded Ray (started by the daemon); {what}; power ${self.cost.marginal(len(gpus) and 1):.3f}/h"
 
     # ---- offers ----
-    def _inventory(self) -> tuple[int, int, str | None, float]:
-        """(available GPUs, available CPUs, GPU model, VRAM per GPU) of idle capacity."""
+    def _inventory(self) -> dict[str, Any]:
+        """This cluster's capacity: GPUs and CPUs in all and idle, the GPU model, VRAM per GPU and
+        host memory (GB)."""
         if self._ray is not None or self.address or not self.light:
             ray = self._connect()
             avail = ray.available_resources()
@@ -246,30 +254,35 @@ class LocalRayProvider(Provider):
             cpus = int(total.get("CPU", 0)) - sum(c for _, c in self._reserved.values())
             if self.address:
                 gpus, cpus = min(gpus, int(avail.get("GPU", 0))), min(cpus, int(avail.get("CPU", 0)))
-            return max(0, gpus), max(0, cpus), gpu, info.vram_gb if info else 0.0
+            ram = float(total.get("memory", 0.0)) / 1e9 or _host_ram_gb()
+            return {"gpus": int(total.get("GPU", 0)), "cpus": int(total.get("CPU", 0)), "gpus_free": max(0, gpus),
+                    "cpus_free": max(0, cpus), "gpu": gpu, "vram": info.vram_gb if info else 0.0, "ram_gb": ram}
         gpus = _nvidia_smi_gpus()
         cpus = self.num_cpus or os.cpu_count() or 1
-        if self.num_gpus is not None:  # logical GPUs declared for the embedded instance
-            return self.num_gpus, cpus, (canonical_gpu(gpus[0][0], gpus[0][1]) if gpus else None), (gpus[0][1] if gpus else 0.0)
-        if not gpus:
-            return 0, cpus, None, 0.0
-        return len(gpus), cpus, canonical_gpu(gpus[0][0], gpus[0][1]), gpus[0][1]
+        count = self.num_gpus if self.num_gpus is not None else len(gpus)  # logical GPUs of the embedded instance
+        gpu = canonical_gpu(gpus[0][0], gpus[0][1]) if gpus else None
+        return {"gpus": count, "cpus": cpus, "gpus_free": count, "cpus_free": cpus, "gpu": gpu,
+                "vram": gpus[0][1] if gpus else 0.0, "ram_gb": _host_ram_gb()}
 
     def offers(self, spec: dict[str, Any], estimate: Any = None) -> list[Offer]:
-        gpus_free, cpus_free, model, vram = self._inventory()
+        """The local CPU always (the scheduler says why a GPU job may not use it), and the GPUs
+        when the job asks for them and the cluster has that many. Capacity that exists but is
+        taken now is offered as not available, so the job waits for it instead of failing."""
+        inv = self._inventory()
         resources = spec.get("resources") or {}
         need_gpus = int(resources.get("gpus", 1))
-        device = resources.get("device", "auto")
-        if int(resources.get("cpus", 1)) > cpus_free:
-            return []
-        if need_gpus > 0 and device != "cpu" and gpus_free >= need_gpus:
-            gpu = model or "gpu"
-            return [self._offer(f"local-{gpu}x{need_gpus}", gpu, need_gpus, vram)]
-        if need_gpus == 0 or device in ("auto", "cpu"):
-            return [self._offer("local-cpu", "cpu", 0, 0.0)]
-        return []
+        need_cpus = int(resources.get("cpus", 1))
+        cpus_ok = need_cpus <= inv["cpus_free"]
+        out = []
+        if need_gpus > 0 and 0 < inv["gpus"] and need_gpus <= inv["gpus"]:
+            gpu = inv["gpu"] or "gpu"
+            out.append(self._offer(f"local-{gpu}x{need_gpus}", gpu, need_gpus, inv["vram"], inv,
+                                   available=cpus_ok and need_gpus <= inv["gpus_free"]))
+        out.append(self._offer("local-cpu", "cpu", 0, 0.0, inv, available=cpus_ok))
+        return out
 
-    def _offer(self, offer_id: str, gpu: str, count: int, vram: float) -> Offer:
+    def _offer(self, offer_id: str, gpu: str, count: int, vram: float, inv: dict[str, Any], *,
+               available: bool) -> Offer:
         return Offer(
             provider=self.name,
             offer_id=offer_id,
@@ -281,6 +294,9 @@ class LocalRayProvider(Provider):
             on_premises=True,
             owned=True,
             startup_s=15.0,
+            cpus=int(inv["cpus"]),
+            ram_gb=round(float(inv["ram_gb"]), 1),
+            available=available,
             price_source=PriceSource.COST_MODEL,
             extra=(("amortized_usd_per_hour", round(self.cost.amortized(count), 4)),),
         )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from infra.config import Config
-from providers.base import Offer, Provider, ProviderError
+from providers.base import Offer, Provider, ProviderError, ProviderUnavailable
 
 PROVIDERS = ("local", "vast", "skypilot", "together", "siliconflow")
 OFFERS_TIMEOUT_S = 20.0
@@ -105,6 +105,7 @@ def build_providers(
 class OfferResult:
     offers: list[Offer]
     problems: dict[str, str]  # provider -> why it did not answer
+    unavailable: frozenset[str] = frozenset()  # of those, the ones that said ProviderUnavailable (configuration)
 
 
 def gather_offers(
@@ -117,8 +118,9 @@ def gather_offers(
     """
     offers: list[Offer] = []
     problems: dict[str, str] = {}
+    unavailable: set[str] = set()
     if not providers:
-        return OfferResult(offers, problems)
+        return OfferResult(offers, problems, frozenset(unavailable))
     own = pool is None
     pool = pool or cf.ThreadPoolExecutor(max_workers=len(providers), thread_name_prefix="offers")
     try:
@@ -130,6 +132,8 @@ def gather_offers(
                 offers += fut.result()
             except ProviderError as exc:
                 problems[name] = str(exc)
+                if isinstance(exc, ProviderUnavailable):
+                    unavailable.add(name)
             except Exception as exc:  # a bug in one provider is a warning, not a crash
                 problems[name] = f"{type(exc).__name__}: {exc}"
         for fut in pending:
@@ -137,4 +141,4 @@ def gather_offers(
     finally:
         if own:
             pool.shutdown(wait=False, cancel_futures=True)
-    return OfferResult(offers, problems)
+    return OfferResult(offers, problems, frozenset(unavailable))

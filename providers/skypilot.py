@@ -259,25 +259,22 @@ class SkyPilotProvider(Provider):
     @override
     def offers(self, spec: dict[str, Any], estimate: Estimate | None = None) -> list[Offer]:
         """One offer per (cloud, region, instance type) and on-demand/spot with exactly the job's
-        GPU count and enough VRAM per GPU. Raises ProviderUnavailable when SkyPilot is missing or
-        no cloud could be read (no catalog offline, or every read failed or timed out)."""
+        GPU count, whatever its VRAM: the scheduler rejects the small ones and says by how much.
+        Raises ProviderUnavailable when SkyPilot is missing or no cloud could be read (no catalog
+        offline, or every read failed or timed out)."""
         if sky_version() is None:
             raise ProviderUnavailable(INSTALL_HINT)
         resources = spec.get("resources") or {}
         if resources.get("device") == "cpu":
             return []
         gpus = max(1, int(resources.get("gpus", 1) or 1))
-        need = float(getattr(estimate, "vram_gb", 0.0) or 0.0)
-        explicit = resources.get("gpu_vram_gb")
-        if isinstance(explicit, int | float) and not isinstance(explicit, bool):
-            need = max(need, float(explicit))
         rows = self._rows()
         out: dict[str, Offer] = {}
         for cloud, (mtime, cloud_rows) in rows.items():
             date = datetime.fromtimestamp(mtime, UTC).date().isoformat()
             for row in cloud_rows:
                 for offer in self._row_offers(cloud, row, date):
-                    if offer.gpu_count == gpus and offer.vram_gb >= need:
+                    if offer.gpu_count == gpus:
                         out.setdefault(offer.offer_id, offer)
         return sorted(out.values(), key=lambda o: (o.usd_per_hour, o.offer_id))
 
@@ -289,6 +286,8 @@ class SkyPilotProvider(Provider):
         base: dict[str, Any] = dict(
             provider=self.name, gpu=canonical_gpu(accelerator, vram), gpu_count=int(count), vram_gb=vram,
             region=region, startup_s=STARTUP_S.get(cloud, DEFAULT_STARTUP_S),
+            cpus=int(vcpus) if isinstance(vcpus, int | float) and vcpus == vcpus else 0,
+            ram_gb=float(memory) if isinstance(memory, int | float) and memory == memory else 0.0,
             price_source=PriceSource.CATALOG, price_date=date,
             extra=(("cloud", cloud), ("instance_type", instance), ("accelerator", accelerator),
                    ("vcpus", vcpus), ("memory_gib", memory)),

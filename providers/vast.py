@@ -348,8 +348,10 @@ class VastProvider(Provider):
             return "(snapshot unreadable)"
 
     def _snapshot_offers(self, need: _Need) -> list[Offer]:
+        """The snapshot's offers with the job's GPU count, whatever their VRAM: the scheduler says
+        which are too small and by how much (``tunefleet offers --all``)."""
         offers, _ = self._snapshot()
-        return [o for o in offers if _fits(o, need)]
+        return [o for o in offers if _fits(o, _Need(need.num_gpus, 0, need.min_reliability))]
 
     # ---- Provider ----
     @override

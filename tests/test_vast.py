@@ -270,11 +270,13 @@ def test_malformed_offers_are_skipped(server: VastServer) -> None:
 # --- degrading ---------------------------------------------------------------------------------
 
 
-def assert_snapshot(offers: list[Any], gpus: int = 1, vram: float = 20.0) -> None:
+def assert_snapshot(offers: list[Any], gpus: int = 1) -> None:
+    """Snapshot offers: the job's GPU count, any VRAM (the scheduler rejects the small ones with
+    the reason, so `offers --all` shows every offer Vast is known to have)."""
     assert offers
     for o in offers:
         assert o.price_source is PriceSource.SNAPSHOT and o.price_date == SNAPSHOT_DATE
-        assert o.gpu_count == gpus and o.vram_gb >= vram
+        assert o.gpu_count == gpus
         assert o.detail("reliability") >= 0.95
     assert any(o.interruptible for o in offers) and any(not o.interruptible for o in offers)
 
@@ -284,10 +286,10 @@ def test_no_key_uses_snapshot_and_says_why(server: VastServer, monkeypatch: pyte
     prov = VastProvider()
     offers = prov.offers(spec(), estimate(20.0))
     assert_snapshot(offers)
-    assert {o.gpu for o in offers} == {"RTX4090", "A100-80GB", "H100"}
+    assert {o.gpu for o in offers} >= {"RTX4090", "A100-80GB", "H100"}
     eight = prov.offers(spec(gpus=8), estimate(70.0))
-    assert_snapshot(eight, gpus=8, vram=70.0)
-    assert {o.gpu for o in eight} == {"A100-80GB", "H100"}
+    assert_snapshot(eight, gpus=8)
+    assert {o.gpu for o in eight} == {"A100-80GB", "H100", "RTX4090"}
     assert server.requests == []
     assert prov.check() == (
         False,
