@@ -326,6 +326,9 @@ class Policy(BaseModel):
     #: ``restricted`` data stays on premises (the local provider).
     data: Literal["open", "restricted"] = "open"
     providers: list[str] | None = Field(None, min_length=1)
+    #: Owned capacity first whenever it can do the job (default: only when it costs at most
+    #: ``owned_tolerance`` (config) more than the best rented offer).
+    prefer_owned: bool = False
     #: ISO 8601. A time without a zone is taken as UTC; stored tz-aware, in UTC.
     deadline: datetime | None = None
 

@@ -8,8 +8,13 @@ cap*. Two checks enforce it:
   this attempt's estimate must fit under every cap that applies, or the job waits, with the
   reason in its events (or fails, when even an idle budget could not hold it).
 - **While running**: an attempt whose spend, at its hourly rate, would cross a cap before the
-  daemon can next act (the horizon: a poll interval plus the stop grace, plus margin) is stopped
-  now: checkpointed and ended as ``stopped_budget``, resumable if the cap is raised.
+  daemon can next act and the attempt has stopped (the horizon: the daemon's measured tick length,
+  twice, plus the stop grace and how often the payload looks at its control object) is told to
+  stop now: it saves, commits and exits, and ends as ``stopped_budget``, resumable if the cap is
+  raised.
+
+Spend accrues from the launch (providers bill the start-up on every attempt) to the attempt's
+last sign of life.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import calendar
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 
 
 @dataclass(frozen=True)
@@ -26,28 +32,53 @@ class Cap:
     spent_usd: float  # recorded in the ledger
     running_usd: float = 0.0  # accrued by live attempts, not yet recorded
     committed_usd: float = 0.0  # what live attempts are still expected to spend
+    resets_at: float | None = None  # when ``spent_usd`` starts again from 0 (the monthly budget)
 
     @property
     def headroom(self) -> float:
         return self.limit_usd - self.spent_usd - self.running_usd - self.committed_usd
 
 
-def launch_refusal(caps: list[Cap], est_usd: float | None) -> tuple[str, bool] | None:
-    """(why the launch does not fit, whether it never can) or None when it fits every cap.
+class Shortfall(StrEnum):
+    HELD = "held"  # running attempts hold the money: wait for them to end
+    RESET = "reset"  # this period's budget is spent: wait for ``resets_at``
+    NEVER = "never"  # more than the whole cap: no wait can help
 
-    "Never" means the estimate is over the cap's limit minus what is already recorded, so
-    waiting for running attempts to finish cannot help.
+
+@dataclass(frozen=True)
+class Refusal:
+    cap: Cap
+    kind: Shortfall
+    why: str
+
+    @property
+    def until(self) -> float | None:
+        return self.cap.resets_at if self.kind is Shortfall.RESET else None
+
+
+def launch_refusal(caps: list[Cap], est_usd: float | None) -> Refusal | None:
+    """Why a launch expected to cost ``est_usd`` does not fit, or None when it fits every cap.
+
+    HELD: it would fit once running attempts end. RESET: it fits a whole period of a cap that
+    resets (the month), not what is left of this one. NEVER: it is over the cap's limit minus what
+    is recorded, and the cap never resets (or it is over even a whole period).
     """
     need = est_usd or 0.0
     for cap in caps:
-        if need > cap.headroom + 1e-12:
-            never = need > cap.limit_usd - cap.spent_usd + 1e-12
-            why = (
-                f"{cap.scope}: ${cap.limit_usd:.2f} cap, ${cap.spent_usd:.2f} spent"
-                + (f", ${cap.running_usd + cap.committed_usd:.2f} held by running attempts" if not never else "")
-                + f"; this attempt is expected to cost ${need:.2f}"
-            )
-            return why, never
+        if need <= cap.headroom + 1e-12:
+            continue
+        if need <= cap.limit_usd - cap.spent_usd + 1e-12:
+            kind = Shortfall.HELD
+        elif cap.resets_at is not None and need <= cap.limit_usd + 1e-12:
+            kind = Shortfall.RESET
+        else:
+            kind = Shortfall.NEVER
+        why = (
+            f"{cap.scope}: ${cap.limit_usd:.2f} cap, ${cap.spent_usd:.2f} spent"
+            + (f", ${cap.running_usd + cap.committed_usd:.2f} held by running attempts" if kind is Shortfall.HELD else "")
+            + f"; this attempt is expected to cost ${need:.2f}"
+        )
+        return Refusal(cap, kind, why)
     return None
 
 
@@ -63,3 +94,10 @@ def month_start(now: float) -> float:
     """00:00 UTC on the first day of ``now``'s month (the monthly budget's window)."""
     t = time.gmtime(now)
     return float(calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0)))
+
+
+def next_month_start(now: float) -> float:
+    """00:00 UTC on the first day of the month after ``now``'s (when the monthly budget resets)."""
+    t = time.gmtime(now)
+    year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+    return float(calendar.timegm((year, month, 1, 0, 0, 0)))

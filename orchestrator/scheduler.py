@@ -15,8 +15,14 @@ work is the classic checkpoint/restart result
 and the expected cost is price × (start-up + T). A managed API that prices the whole job
 (``offer.usd_total``) costs exactly that. Ties break by expected finish time.
 
-Owned, idle hardware is already paid for: when it meets the deadline and the budget it ranks
-first, whatever a rented GPU would cost (its price is its marginal power cost anyway).
+Owned is a tie-break, not a trump: owned hardware is priced at its marginal (power) cost, and it
+wins over a rented offer when its expected cost is within ``owned_tolerance`` (default 25 %) of
+the rented one, or whenever the job says ``policy.prefer_owned``. An owned CPU that needs 36 hours
+does not beat a rented A100 that finishes in 10 minutes for less money.
+
+Every rejection carries a ``RejectCode``. All of them are facts about the job and the offer
+(policy, size, price) except ``BUSY``: the capacity exists but is taken now, so the job can wait
+for it. ``orchestrator.decide`` reads the codes to tell "wait" from "never".
 """
 
 from __future__ import annotations
@@ -25,11 +31,33 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from providers.base import Offer
 
 RESTART_OVERHEAD_H = 2 / 60  # reload model + download checkpoint, on top of the offer's start-up
+OWNED_TOLERANCE = 0.25  # owned capacity wins if it costs at most this much more than the best rented
+
+
+class RejectCode(StrEnum):
+    """Why an offer cannot take the job. Only BUSY passes with time; DEADLINE may be waived
+    (a late run beats none); the others hold as long as the job and the offer are what they are."""
+
+    PROVIDER_NOT_ALLOWED = "provider_not_allowed"
+    DATA_RESTRICTED = "data_restricted"
+    SPOT_POLICY = "spot_policy"
+    PRICE_CAP = "price_cap"  # policy.max_usd_per_hour
+    LOCAL_STORE = "local_store"  # checkpoints in a local folder, offer elsewhere
+    CPU_ONLY = "cpu_only"  # the job asks for GPUs and does not say device: cpu
+    GPU_COUNT = "gpu_count"
+    VRAM = "vram"
+    HOST_RAM = "host_ram"
+    CPUS = "cpus"
+    NEVER_FINISHES = "never_finishes"  # interrupted too often to ever get between two checkpoints
+    JOB_CAP = "job_cap"  # policy.max_usd
+    DEADLINE = "deadline"
+    BUSY = "busy"  # exists, but taken now
 
 
 @dataclass(slots=True)
@@ -43,6 +71,7 @@ class Placement:
     finish_at: float | None = None  # expected finish, epoch seconds
     risk: float = 0.0  # probability of at least one interruption
     avoided: bool = False  # failed or was lost recently: used only when nothing else is viable
+    code: RejectCode | None = None  # why rejected (None when viable)
 
     @property
     def reason(self) -> str:
@@ -58,21 +87,6 @@ class Placement:
             if self.offer.hazard_per_hour > 0:
                 text += f", +{rework:.2f} h expected rework/restarts (risk {self.risk:.0%})"
         return text + ("; recently lost, last resort" if self.avoided else "")
-
-    @property
-    def sort_key(self) -> tuple[Any, ...]:
-        """Viable first; then not recently lost; owned; expected cost; finish; $/h; ids."""
-        o = self.offer
-        return (
-            not self.viable,
-            self.avoided,
-            not o.owned,
-            self.est_usd if self.est_usd is not None else math.inf,
-            self.finish_at if self.finish_at is not None else math.inf,
-            o.usd_per_hour,
-            o.provider,
-            o.offer_id,
-        )
 
     def to_dict(self) -> dict[str, Any]:
         o = self.offer
@@ -94,6 +108,7 @@ class Placement:
             "risk": round(self.risk, 4),
             "viable": self.viable,
             "reason": self.reason,
+            "code": None if self.code is None else str(self.code),
             "price_source": str(o.price_source),
             "price_date": o.price_date,
         }
@@ -138,40 +153,56 @@ class _Policy:
         self.restricted = policy.get("data") == "restricted"
         self.spot = policy.get("spot", "allow")
         self.cap = policy.get("max_usd_per_hour")
+        self.prefer_owned = bool(policy.get("prefer_owned"))
         self.gpus = int(resources.get("gpus", 1))
+        self.cpus = int(resources.get("cpus", 1) or 1)
         self.device = resources.get("device", "auto")
         want = resources.get("gpu_vram_gb", "auto")
         store = str((spec.get("checkpoint") or {}).get("store") or "file://")
         # A remote machine cannot read or write this host's folder: it needs object storage.
         self.store_local = store.startswith("file:") or "://" not in store
         self.explicit_vram = isinstance(want, (int, float))
+        self.memory_needed = vram_needed or 0.0  # on a CPU, the whole job lives in host memory
         self.vram_floor = float(want) if self.explicit_vram else (vram_needed or 0.0)
+        # a job that asks for GPUs runs on a CPU only when it says so
+        self.cpu_ok = self.gpus == 0 or self.device == "cpu"
 
-    def rejection(self, offer: Offer) -> str | None:
+    def rejection(self, offer: Offer) -> tuple[RejectCode, str] | None:
         if self.allowed and offer.provider not in self.allowed:
-            return f"provider {offer.provider} is not in policy.providers ({self.allowed_text})"
+            return RejectCode.PROVIDER_NOT_ALLOWED, (
+                f"provider {offer.provider} is not in policy.providers ({self.allowed_text})")
         if self.restricted and not offer.on_premises:
-            return "policy.data is restricted and this offer is off premises"
+            return RejectCode.DATA_RESTRICTED, "policy.data is restricted and this offer is off premises"
         if self.spot == "never" and offer.interruptible:
-            return "interruptible offer, and policy.spot is never"
+            return RejectCode.SPOT_POLICY, "interruptible offer, and policy.spot is never"
         if self.spot == "only" and not offer.interruptible:
-            return "on-demand offer, and policy.spot is only"
+            return RejectCode.SPOT_POLICY, "on-demand offer, and policy.spot is only"
         if self.cap is not None and offer.usd_per_hour > self.cap:
-            return f"${offer.usd_per_hour:.2f}/h is over policy.max_usd_per_hour ${self.cap:.2f}"
+            return RejectCode.PRICE_CAP, (
+                f"${offer.usd_per_hour:.2f}/h is over policy.max_usd_per_hour ${self.cap:.2f}")
         if offer.gpu == "managed":
             return None  # a managed API sizes its own hardware and keeps its own checkpoints
         if self.store_local and not offer.on_premises:
-            return "checkpoints go to a local folder; remote capacity needs checkpoint.store: s3://bucket/prefix"
-
+            return RejectCode.LOCAL_STORE, (
+                "checkpoints go to a local folder; remote capacity needs checkpoint.store: s3://bucket/prefix")
+        if offer.cpus and self.cpus > offer.cpus:
+            return RejectCode.CPUS, f"needs {self.cpus} CPUs (resources.cpus), has {offer.cpus}"
         if offer.gpu_count == 0:
-            if self.gpus > 0 and self.device == "cuda":
-                return f"the job needs {self.gpus} GPU(s) (device: cuda); this offer is CPU only"
-            return None
-        if offer.gpu_count < self.gpus:
-            return f"the job needs {self.gpus} GPUs; this offer has {offer.gpu_count}"
-        if offer.vram_gb and offer.vram_gb < self.vram_floor:
-            what = "resources.gpu_vram_gb" if self.explicit_vram else "the estimated need"
-            return f"{offer.vram_gb:g} GB per GPU is under {what} ({self.vram_floor:.1f} GB)"
+            if not self.cpu_ok:
+                return RejectCode.CPU_ONLY, (
+                    f"the job asks for {self.gpus} GPU(s); this offer is CPU only (say device: cpu to allow it)")
+            if offer.ram_gb and self.memory_needed > offer.ram_gb:
+                return RejectCode.HOST_RAM, (
+                    f"needs {self.memory_needed:.0f} GB of memory, has {offer.ram_gb:.0f} GB")
+        else:
+            if offer.gpu_count < self.gpus:
+                return RejectCode.GPU_COUNT, f"the job needs {self.gpus} GPUs; this offer has {offer.gpu_count}"
+            if offer.vram_gb and offer.vram_gb < self.vram_floor:
+                what = "resources.gpu_vram_gb" if self.explicit_vram else "the estimated need"
+                return RejectCode.VRAM, (
+                    f"needs {self.vram_floor:.1f} GB per GPU ({what}), has {offer.vram_gb:g} GB")
+        if not offer.available:
+            return RejectCode.BUSY, "taken now (busy); it frees up when its current work ends"
         return None
 
 
@@ -184,12 +215,14 @@ def rank(
     avoid: Iterable[tuple[str, str]] = (),
     spent_usd: float = 0.0,
     done_steps: int = 0,
+    owned_tolerance: float = OWNED_TOLERANCE,
 ) -> list[Placement]:
     """Every offer, viable ones first, by expected cost of the completed job. Never calls the network.
 
     ``estimate`` is a ``jobs.estimate.Estimate`` (or None: then offers are ranked by hourly price
     and only policy is checked). ``done_steps`` of work already committed are not paid again;
-    ``spent_usd`` already spent counts against ``policy.max_usd``.
+    ``spent_usd`` already spent counts against ``policy.max_usd``. Owned offers rank as if they
+    cost ``1 / (1 + owned_tolerance)`` of their expected cost (``policy.prefer_owned``: first).
     """
     policy = spec.get("policy") or {}
     deadline = _deadline(policy)
@@ -200,6 +233,8 @@ def rank(
     save_every = (spec.get("checkpoint") or {}).get("interval") or spec.get("save_steps") or 50
     ckpt_frac = min(1.0, save_every / steps) if steps else 1.0  # checkpoint interval, as a fraction of the job
     checker = _Policy(spec, getattr(estimate, "vram_gb", None))
+    owned_discount = 1.0 / (1.0 + max(0.0, owned_tolerance))
+    prefer_owned = checker.prefer_owned
     hours_cache: dict[tuple[str, int], float | None] = {}
 
     def hours(gpu: str, count: int) -> float | None:
@@ -212,7 +247,7 @@ def rank(
     rejected: list[tuple[Any, ...]] = []
     allowed, restricted, cap, floor = checker.allowed, checker.restricted, checker.cap, checker.vram_floor
     spot_never, spot_only, gpus_needed = checker.spot == "never", checker.spot == "only", checker.gpus
-    store_local = checker.store_local
+    store_local, cpus_needed = checker.store_local, checker.cpus
     for i, offer in enumerate(offers):
         # fast path for the common case; the checker says why (the one place messages live)
         if (
@@ -225,15 +260,19 @@ def rank(
             or offer.gpu_count < gpus_needed
             or (offer.vram_gb and offer.vram_gb < floor)
             or not offer.gpu_count
+            or not offer.available
+            or (offer.cpus and offer.cpus < cpus_needed)
         ):
-            reason = checker.rejection(offer)
-            if reason is not None:
-                rejected.append((offer.provider, offer.offer_id, i, Placement(offer, False, reason)))
+            found = checker.rejection(offer)
+            if found is not None:
+                code, reason = found
+                rejected.append((offer.provider, offer.offer_id, i, Placement(offer, False, reason, code=code)))
                 continue
         p = _place(offer, estimate, hours, now, left, ckpt_frac, deadline, max_usd,
                    spent_usd, bool(avoid_set) and (offer.provider, offer.offer_id) in avoid_set)
-        if p.viable:  # the same order as Placement.sort_key, as a flat tuple (C-speed comparisons)
-            viable.append((p.avoided, not offer.owned, math.inf if p.est_usd is None else p.est_usd,
+        if p.viable:  # a flat tuple sorts at C speed: not recently lost; owned by policy; cost; finish; $/h; ids
+            cost = math.inf if p.est_usd is None else p.est_usd * (owned_discount if offer.owned else 1.0)
+            viable.append((p.avoided, prefer_owned and not offer.owned, cost,
                            math.inf if p.finish_at is None else p.finish_at, offer.usd_per_hour,
                            offer.provider, offer.offer_id, i, p))
         else:
@@ -259,7 +298,8 @@ def _place(offer, estimate, hours, now, left, ckpt_frac, deadline, max_usd, spen
     if hazard > 0:
         wall_h = expected_wall_hours(work_h, hazard, full_h * ckpt_frac, startup_h + RESTART_OVERHEAD_H)
         if wall_h == math.inf:
-            return Placement(offer, False, "interrupted too often to ever finish between checkpoints", work_h)
+            return Placement(offer, False, "interrupted too often to ever finish between checkpoints", work_h,
+                             code=RejectCode.NEVER_FINISHES)
         risk = 1.0 - math.exp(-hazard * wall_h)
     else:
         wall_h, risk = work_h, 0.0
@@ -269,8 +309,8 @@ def _place(offer, estimate, hours, now, left, ckpt_frac, deadline, max_usd, spen
     if max_usd is not None and spent_usd + est_usd > max_usd:
         spent = f" + ${spent_usd:.2f} spent" if spent_usd else ""
         why = f"expected ${est_usd:.2f}{spent} is over policy.max_usd ${max_usd:.2f}"
-        return Placement(offer, False, why, work_h, est_h, est_usd, finish, risk, avoided)
+        return Placement(offer, False, why, work_h, est_h, est_usd, finish, risk, avoided, RejectCode.JOB_CAP)
     if deadline is not None and finish > deadline:
         why = f"expected to finish {(finish - deadline) / 3600.0:.1f} h after the deadline"
-        return Placement(offer, False, why, work_h, est_h, est_usd, finish, risk, avoided)
+        return Placement(offer, False, why, work_h, est_h, est_usd, finish, risk, avoided, RejectCode.DEADLINE)
     return Placement(offer, True, None, work_h, est_h, est_usd, finish, risk, avoided)

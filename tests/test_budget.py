@@ -13,7 +13,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.budget import Cap, launch_refusal, month_start, must_stop
+from orchestrator.budget import Cap, Shortfall, launch_refusal, month_start, must_stop, next_month_start
 from tests.test_cli import EXAMPLE, tf
 
 money = st.floats(0, 1000, allow_nan=False)
@@ -27,9 +27,13 @@ def test_a_launch_that_fits_keeps_everything_under_the_cap(limit, spent, running
     if refusal is None:
         assert spent + running + committed + est <= limit + 1e-9
     else:
-        why, never = refusal
-        assert "job" in why and f"${limit:.2f}" in why
-        assert never == (est > limit - spent + 1e-12)
+        assert "job" in refusal.why and f"${limit:.2f}" in refusal.why
+        assert (refusal.kind is Shortfall.NEVER) == (est > limit - spent + 1e-12)
+        assert refusal.until is None
+    monthly = launch_refusal([Cap("monthly budget", limit, spent, running, committed, resets_at=1e9)], est)
+    if monthly is not None and est > limit - spent + 1e-12:  # a cap that resets: wait for it unless too big
+        assert monthly.kind is (Shortfall.RESET if est <= limit + 1e-12 else Shortfall.NEVER)
+        assert monthly.until == (1e9 if monthly.kind is Shortfall.RESET else None)
 
 
 @settings(max_examples=300, deadline=None)
@@ -58,6 +62,8 @@ def test_month_window():
     t = 1_795_000_000.0  # 2026-11-17
     start = month_start(t)
     assert time.gmtime(start)[:6] == (2026, 11, 1, 0, 0, 0)
+    assert time.gmtime(next_month_start(t))[:6] == (2026, 12, 1, 0, 0, 0)
+    assert time.gmtime(next_month_start(1_796_083_200.0 + 20 * 86400))[:3] == (2027, 1, 1)  # from December
 
 
 @pytest.mark.slow

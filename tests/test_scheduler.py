@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from jobs.estimate import estimate
 from jobs.gpus import GPUS
-from orchestrator.scheduler import expected_wall_hours, rank
+from orchestrator.scheduler import RejectCode, expected_wall_hours, rank
 from providers.base import Offer
 
 DATA = Path(__file__).resolve().parent.parent / "examples" / "data" / "alpaca-tiny.jsonl"
@@ -152,17 +152,58 @@ def test_a_worse_price_or_hazard_never_moves_an_offer_up(offers, policy, data, f
 
 
 @SETTINGS
-@given(st.lists(offers_st, max_size=20), st.sampled_from(GPU_NAMES), st.floats(0.0, 0.2))
-def test_an_idle_owned_gpu_wins_when_it_meets_the_deadline(offers, gpu, power_cost):
+@given(st.lists(offers_st, max_size=20), st.sampled_from(GPU_NAMES), st.floats(0.0, 0.2), st.floats(0.0, 1.0))
+def test_owned_wins_within_the_tolerance_and_by_policy(offers, gpu, power_cost, tolerance):
     offers = [o for o in unique(offers) if o.provider != "local"]
     local = offer("local", gpu, power_cost, on_premises=True, owned=True, offer_id="local-gpu")
     hours = EST.hours(gpu, 1)
     deadline = NOW + (hours + 1) * 3600  # local can make it
-    placements = rank(job(deadline=deadline), EST, offers + [local], now=NOW)
-    assert placements[0].offer.offer_id == "local-gpu"
+    placements = rank(job(deadline=deadline), EST, offers + [local], now=NOW, owned_tolerance=tolerance)
+    mine = next(p for p in placements if p.offer.offer_id == "local-gpu")
+    rented = [p for p in placements if p.viable and not p.offer.owned and not p.avoided]
+    best_rented = min((p.est_usd for p in rented), default=math.inf)
+    if mine.est_usd < best_rented * (1 + tolerance) * (1 - 1e-9):
+        assert placements[0] is mine  # owned wins while it costs at most `tolerance` more
+    elif mine.est_usd > best_rented * (1 + tolerance) * (1 + 1e-9):
+        assert placements[0].offer.offer_id != "local-gpu"  # ...and not beyond
+    # policy.prefer_owned: owned first whatever it costs
+    first = rank(job(deadline=deadline, prefer_owned=True), EST, offers + [local], now=NOW)[0]
+    assert first.offer.offer_id == "local-gpu"
     # ...and when it cannot make the deadline, it is rejected with that reason
     tight = rank(job(deadline=NOW + hours * 3600 * 0.5), EST, [local], now=NOW)
-    assert not tight[0].viable and "deadline" in tight[0].reason
+    assert not tight[0].viable and "deadline" in tight[0].reason and tight[0].code == RejectCode.DEADLINE
+
+
+def test_a_slow_owned_cpu_does_not_beat_a_faster_cheaper_rented_gpu():
+    """An 8B QLoRA job (gpus: 1, device: auto): the local CPU at its power cost is not offered at
+    all, and with device: cpu it takes ~36 h, which costs more than an A100's few minutes."""
+    cpu = Offer(provider="local", offer_id="local-cpu", gpu="cpu", gpu_count=0, vram_gb=0.0, usd_per_hour=0.00975,
+                on_premises=True, owned=True, ram_gb=1000.0)
+    a100 = offer("vast", "A100-80GB", 1.2, offer_id="a100")
+    auto = rank(job(), EST, [cpu, a100], now=NOW)
+    assert auto[0].offer.offer_id == "a100"
+    rejected = next(p for p in auto if p.offer.offer_id == "local-cpu")
+    assert not rejected.viable and rejected.code == RejectCode.CPU_ONLY and "device: cpu" in rejected.reason
+    spec = job()
+    spec["resources"]["device"] = "cpu"
+    placements = rank(spec, EST, [cpu, a100], now=NOW)
+    by_id = {p.offer.offer_id: p for p in placements}
+    assert by_id["local-cpu"].viable and by_id["local-cpu"].est_hours > 10 * by_id["a100"].est_hours
+    assert by_id["local-cpu"].est_usd > 1.25 * by_id["a100"].est_usd
+    assert placements[0].offer.offer_id == "a100"
+
+
+def test_host_memory_cpus_and_busy_capacity_are_checked():
+    spec = job()
+    spec["resources"].update(device="cpu", cpus=4)
+    small = Offer(provider="local", offer_id="small", gpu="cpu", gpu_count=0, vram_gb=0.0, usd_per_hour=0.01,
+                  on_premises=True, owned=True, ram_gb=2.0, cpus=8)
+    few = replace(small, offer_id="few", ram_gb=512.0, cpus=2)
+    busy = replace(small, offer_id="busy", ram_gb=512.0, available=False)
+    by_id = {p.offer.offer_id: p for p in rank(spec, EST, [small, few, busy], now=NOW)}
+    assert by_id["small"].code == RejectCode.HOST_RAM and "has 2 GB" in by_id["small"].reason
+    assert by_id["few"].code == RejectCode.CPUS and "needs 4 CPUs" in by_id["few"].reason
+    assert by_id["busy"].code == RejectCode.BUSY
 
 
 def test_cheapest_per_hour_is_not_cheapest_per_completed_job():
@@ -189,7 +230,7 @@ def test_rejections_name_their_reason():
         "pricey": (offer("vast", "H100", 2.4, gpu_count=2, offer_id="pricey"), "max_usd_per_hour"),
         "spot": (offer("vast", "RTX4090", 0.3, gpu_count=2, interruptible=True, hazard_per_hour=0.1, offer_id="spot"), "spot is never"),
         "one": (offer("vast", "RTX4090", 0.3, offer_id="one"), "needs 2 GPUs"),
-        "small": (offer("vast", "T4", 0.2, gpu_count=2, offer_id="small"), "GB per GPU is under"),
+        "small": (offer("vast", "T4", 0.2, gpu_count=2, offer_id="small"), "needs 20.0 GB per GPU"),
         "elsewhere": (offer("skypilot", "L4", 0.5, gpu_count=2, offer_id="elsewhere"), "not in policy.providers"),
     }
     placements = {p.offer.offer_id: p for p in rank(spec, EST, [o for o, _ in cases.values()], now=NOW)}
