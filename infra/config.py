@@ -10,7 +10,15 @@ checkpoints go by default must be the same for every command that talks to the s
     poll_interval_s: 1.0
     max_preemptions: 20               # per job, then it fails
     max_failures: 2                   # attempts that fail (not preempted) before the job fails
-    stop_grace_s: 60                  # SIGTERM grace before SIGKILL on cancel
+    max_launch_failures: 3            # launches that fail (or machines that cannot set up) before it fails
+    max_attempts: 50                  # attempts of any kind per job, then it fails
+    stop_grace_s: 60                  # how long a stopping attempt may take to save before it is killed
+    unknown_timeout_s: 600            # an attempt whose provider cannot tell its state this long is lost
+    call_timeout_s: 60                # deadline of one provider call (offers, launch, poll)
+    provider_disable_s: 300           # a provider that is unreachable is left alone this long
+    owned_tolerance: 0.25             # owned capacity wins if it costs at most 25 % more than rented
+    time_scale: 1.0                   # simulations and tests only: multiplies the daemon's built-in
+                                      # waits (offer blocks, backoffs, rechecks); keep 1 in production
     # the cost model of owned GPUs (per GPU): amortized purchase + power
     local_gpu_purchase_usd: 2000
     local_gpu_lifetime_hours: 26280   # 3 years
@@ -49,7 +57,18 @@ class Config:
     poll_interval_s: float = 1.0
     max_preemptions: int = 20
     max_failures: int = 2
+    max_launch_failures: int = 3
+    max_attempts: int = 50
     stop_grace_s: float = 60.0
+    unknown_timeout_s: float = 600.0
+    call_timeout_s: float = 60.0
+    provider_disable_s: float = 300.0
+    owned_tolerance: float = 0.25
+    time_scale: float = 1.0
+
+    def scaled(self, seconds: float) -> float:
+        """One of the daemon's built-in waits, in this config's time (``time_scale``)."""
+        return seconds * self.time_scale
     local_gpu_purchase_usd: float = 2000.0
     local_gpu_lifetime_hours: float = 26280.0
     local_gpu_watts: float = 350.0

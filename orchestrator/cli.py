@@ -98,6 +98,7 @@ def submit(
     spec = _load(job_file)
     _check_providers(spec)
     config = _config()
+    _check_store(spec.checkpoint.store or config.default_store)
     with _store(config) as store:
         job_id = submit_spec(store, spec, config, priority)
     if json_out:
@@ -170,6 +171,9 @@ def _print_detail(s: dict[str, Any]) -> None:
         console.print(f"adapter:    {s['adapter_uri']}")
     if s["reason"] and s["state"] != "succeeded":
         console.print(f"reason:     {s['reason']}")
+    if s.get("wait_until"):
+        console.print(f"waiting:    until {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s['wait_until']))} "
+                      f"({s['wait_code']})")
 
 
 def _watch(store, job_id: str) -> None:
@@ -403,6 +407,7 @@ def sweep(
                 return
             _print_sweep(summary)
             return
+        _check_store(config.default_store)
         try:
             new_id = submit_sweep(store, Path(target), config)
         except SweepError as exc:
@@ -446,31 +451,48 @@ def report(
 # ---------------------------------------------------------------- providers / estimate / offers
 @app.command()
 def providers(json_out: JsonOpt = False) -> None:
-    """Every provider: enabled or not, why, whether the daemon can launch there, and its price source."""
+    """Every provider: enabled or not, why, whether the daemon can launch there, its price source, and
+    how the daemon last found it (backing off after errors, or disabled a while)."""
     from providers.registry import PROVIDERS, build_providers
 
     config = _config()
     built, broken = build_providers(config, light=True)
+    health: dict[str, dict[str, Any]] = {}
+    if config.db_path.is_file():
+        with _store(config) as store:
+            health = store.provider_health()
+    now = time.time()
     rows = []
     for name in PROVIDERS:
+        h = health.get(name)
+        daemon = None
+        if h is not None:
+            active = h["state"] != "ok" and (h["until"] or 0) > now
+            daemon = {"state": h["state"] if active else "ok", "until": h["until"] if active else None,
+                      "reason": h["reason"], "failures": h["failures"], "seen_at": h["updated_at"]}
         if name in broken:
-            rows.append({"provider": name, "enabled": False, "launchable": False, "reason": broken[name]})
+            rows.append({"provider": name, "enabled": False, "launchable": False, "reason": broken[name],
+                         "daemon": daemon})
             continue
         prov = built[name]
         try:
             enabled, reason = prov.check()
         except Exception as exc:  # check() must not raise; if it does, report it
             enabled, reason = False, f"check failed: {exc}"
-        rows.append({"provider": name, "enabled": enabled, "launchable": prov.launchable, "reason": reason})
+        rows.append({"provider": name, "enabled": enabled, "launchable": prov.launchable, "reason": reason,
+                     "daemon": daemon})
     if json_out:
         _emit_json(rows)
         return
     table = Table(box=None, header_style="bold")
-    for col in ("PROVIDER", "ENABLED", "LAUNCH", "WHY / PRICE SOURCE"):
-        table.add_column(col, overflow="fold", no_wrap=col != "WHY / PRICE SOURCE")
+    for col in ("PROVIDER", "ENABLED", "LAUNCH", "DAEMON SAYS", "WHY / PRICE SOURCE"):
+        table.add_column(col, overflow="fold", no_wrap=col not in ("WHY / PRICE SOURCE", "DAEMON SAYS"))
     for r in rows:
+        d = r["daemon"]
+        says = "-" if d is None else "ok" if d["state"] == "ok" else (
+            f"[yellow]{d['state']}[/] until {time.strftime('%H:%M:%S', time.localtime(d['until']))}: {d['reason']}")
         table.add_row(r["provider"], "[green]yes[/]" if r["enabled"] else "[yellow]no[/]",
-                      "yes" if r["launchable"] else "not yet", r["reason"])
+                      "yes" if r["launchable"] else "not yet", says, r["reason"])
     console.print(table)
 
 
@@ -486,6 +508,18 @@ def _spec_and_estimate(job_file: Path):
         with _store(config) as store:
             calibration = store.calibration(spec.base_model, spec.adapter or "full")
     return spec, estimate(spec, calibration)
+
+
+def _check_store(uri: str) -> None:
+    """An S3 checkpoint store must exist and take our writes before a job that needs it is queued."""
+    if not uri.startswith("s3://"):
+        return
+    from infra.storage import StorageError, is_permanent, open_store
+
+    try:
+        open_store(uri).probe()
+    except StorageError as exc:
+        raise CliError(f"checkpoint.store {uri}: {exc}; nothing was queued", 2 if is_permanent(exc) else 1) from None
 
 
 def _check_providers(spec) -> None:
@@ -534,20 +568,26 @@ def offers(
     show_all: Annotated[bool, typer.Option("--all", help="Also list rejected offers, with the reason.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Every provider's offers for a job, ranked by expected cost of the completed job."""
-    from orchestrator.scheduler import rank
+    """Every provider's offers for a job, ranked by expected cost of the completed job, and what the
+    daemon would do with it now (the same decision function, on the same inputs)."""
     from providers.registry import build_providers, gather_offers
 
     spec, est = _spec_and_estimate(job_file)
     config = _config()
     doc = spec.to_payload_dict()
+    doc["checkpoint"]["store"] = doc["checkpoint"].get("store") or config.default_store  # as submit fills it
     built, broken = build_providers(config, spec.policy.providers, light=True)
     result = gather_offers(built, doc, est)
-    placements = rank(doc, est, result.offers, now=time.time())
     problems = {**broken, **result.problems}
-    shown = [p for p in placements if show_all or p.viable]
+    disabled = {n: why for n, why in problems.items() if n in broken or n in result.unavailable}
+    down = {n: why for n, why in problems.items() if n not in disabled}
+    d = _decision(config, doc, est, result.offers, built, down, disabled)
+    shown = [p for p in d.placements if show_all or p.viable]
     if json_out:
-        _emit_json([p.to_dict() for p in shown])
+        _emit_json({"decision": d.to_dict(),
+                    "offers": [{**p.to_dict(), "launchable_now": (p.offer.provider, p.offer.offer_id) in d.ready}
+                               for p in shown],
+                    "problems": problems})
         return
     table = Table(box=None, header_style="bold")
     cols = ["PROVIDER", "GPU", "$/H", "EST H", "EST $", "RISK", "PRICE SOURCE"] + (["WHY NOT"] if show_all else [])
@@ -564,12 +604,48 @@ def offers(
         if show_all:
             row.append("" if p.viable else f"[red]{p.reason}[/]")
         table.add_row(*row)
-    n_viable = sum(p.viable for p in placements)
+    n_viable = sum(p.viable for p in d.placements)
     console.print(table, crop=False)
-    console.print(f"{n_viable} viable of {len(placements)} offers; VRAM needed {est.vram_gb:.1f} GB, "
+    console.print(f"{n_viable} viable of {len(d.placements)} offers; VRAM needed {est.vram_gb:.1f} GB, "
                   f"{est.tokens:,} tokens")
+    from rich.markup import escape
+
+    console.print(f"[bold]daemon would {d.verdict.value}[/] ({d.code.value}): {escape(d.text)}")
     for name, why in sorted(problems.items()):
-        err.print(f"[yellow]{name}[/]: {why}")
+        err.print(f"[yellow]{name}[/]: {escape(why)}")
+
+
+def _decision(config: Config, spec: dict[str, Any], est, offers_list, built, problems, disabled):
+    """``decide`` with the inputs the daemon would use now: the store's caps and live attempts, the
+    providers' health as the daemon last saw it, and which providers can launch."""
+    from orchestrator.decide import JobView, Usage, decide
+    from orchestrator.spending import Caps
+
+    now = time.time()
+    down = {name: (why, None) for name, why in problems.items()}
+    disabled = dict(disabled)
+    live: list = []
+    caps: list = []
+    if config.db_path.is_file():
+        with _store(config) as store:
+            live = store.live_attempts()
+            records = {e.attempt_id: e.data for a in live for e in store.events(a.job_id)
+                       if e.kind == "attempt_created" and e.attempt_id == a.id}
+            cap = Caps(store, config.budget_monthly_usd,
+                       lambda a: float(records.get(a.id, {}).get("est_usd") or 0.0)).monthly(now, live)
+            caps = [cap] if cap is not None else []
+            for name, h in store.provider_health().items():
+                if h["state"] == "backoff" and (h["until"] or 0) > now:
+                    down.setdefault(name, (f"backing off: {h['reason']}", h["until"]))
+                elif h["state"] == "disabled" and (h["until"] or 0) > now:
+                    disabled.setdefault(name, h["reason"])
+    counts: dict[str, int] = {}
+    for a in live:
+        counts[a.provider] = counts.get(a.provider, 0) + 1
+    usage = Usage(live=counts, limits=dict(config.provider_limits), down=down, disabled=disabled,
+                  launchable=frozenset(n for n, p in built.items() if p.launchable),
+                  owned_tolerance=config.owned_tolerance)
+    return decide(JobView("(file)", spec), est, offers_list, caps, usage, now)
 
 
 # ---------------------------------------------------------------- daemon / demo
@@ -578,12 +654,14 @@ def daemon(
     until_idle: Annotated[bool, typer.Option("--until-idle", help="Exit when nothing is queued or running.")] = False,
     max_seconds: Annotated[float | None, typer.Option(help="Exit after this long at most.")] = None,
 ) -> None:
-    """Run the queue: place, launch, watch, resume after preemption."""
+    """Run the queue: place, launch, watch, resume after preemption. SIGTERM stops it in order (exit 0)."""
     import signal
 
     from infra.logging import configure_logging
     from orchestrator.daemon import Daemon, DaemonLock, DaemonLocked, launchable_providers
 
+    if max_seconds is not None and not max_seconds > 0:
+        raise CliError(f"--max-seconds must be a positive number of seconds, not {max_seconds}", 2)
     config = _config()
     lock = DaemonLock(config.home)
     try:
@@ -594,14 +672,18 @@ def daemon(
     providers = launchable_providers(config)
     with _store(config) as store:
         d = Daemon(store, config, providers)
-        signal.signal(signal.SIGTERM, lambda *_: d.stop.set())
-        signal.signal(signal.SIGINT, lambda *_: d.stop.set())
+        for sig in (signal.SIGTERM, signal.SIGINT):  # until the providers open; run() installs them again after
+            signal.signal(sig, lambda *_: d.stop.set())
         try:
-            d.run(until_idle=until_idle, max_seconds=max_seconds)
+            d.run(until_idle=until_idle, max_seconds=max_seconds)  # installs its own handlers once providers opened
         finally:
             for p in providers.values():
-                p.close()
+                try:
+                    p.close()
+                except Exception as exc:  # noqa: BLE001 - closing one provider must not hide the others
+                    err.print(f"[yellow]{p.name}[/]: close failed: {exc}")
             lock.release()
+    err.print("daemon stopped")
 
 
 @app.command()

@@ -25,8 +25,8 @@ def job_summary(store, job, now: float | None = None) -> dict[str, Any]:
     attempts = store.attempts_for(job.id)
     live = next((a for a in attempts if a.live), None)
     cost = job.cost_usd
-    if live is not None and live.usd_per_hour > 0:
-        cost += live.usd_per_hour * max(0.0, now - (live.started_at or live.created_at)) / 3600
+    if live is not None and live.usd_per_hour > 0:  # accrues from the launch, as providers bill
+        cost += live.usd_per_hour * max(0.0, now - live.created_at) / 3600
     started = min((a.started_at for a in attempts if a.started_at), default=None)
     ended = max((a.ended_at or now for a in attempts), default=None) if job.terminal else now
     last = attempts[-1] if attempts else None
@@ -45,6 +45,8 @@ def job_summary(store, job, now: float | None = None) -> dict[str, Any]:
         "adapter_uri": job.adapter_uri,
         "elapsed_s": round(ended - started, 1) if started and ended else 0.0,
         "reason": job.reason,
+        "wait_code": job.wait_code,  # why a queued job waits (see README: "Why a job waits")
+        "wait_until": job.wait_until,  # when it is looked at again for that reason (null: when things change)
         "created_at": job.created_at,
     }
 

@@ -38,7 +38,8 @@ def test_jobs_behind_a_full_batch_of_waiting_jobs_still_run(tmp_path):
     assert daemon.idle()  # the rest wait, each with its reason, and --until-idle may exit
     assert store.count_jobs_by_state()[JobState.QUEUED] == 60
     waiting = [e for e in store.events(store.list_jobs([JobState.QUEUED], limit=1)[0].id) if e.kind == "waiting"]
-    assert len(waiting) == 1 and "no viable offer" in waiting[0].message
+    assert len(waiting) == 1 and waiting[0].data["code"] == "nothing_offered"
+    assert "policy.providers: vast; this daemon runs instant" in waiting[0].message
 
 
 def test_priority_first_then_oldest_and_one_attempt_each(tmp_path):

@@ -98,23 +98,51 @@ def test_offers_command_ranks_snapshot_prices_without_any_account(offline_home, 
     text = text.replace("checkpoint:\n", "checkpoint:\n  store: s3://team-ckpt/tunefleet\n")
     text = text.replace("path: data/", f"path: {EXAMPLE.parent}/data/")
     job.write_text(text)
-    rows = json.loads(tf(offline_home, "offers", str(job), "--json", "--all", check=True).stdout)
+    out = json.loads(tf(offline_home, "offers", str(job), "--json", "--all", check=True).stdout)
+    rows = out["offers"]
     viable = [r for r in rows if r["viable"]]
     assert {r["provider"] for r in viable} >= {"local", "vast", "siliconflow"}
     for r in rows:
-        for key in ("provider", "gpu", "usd_per_hour", "est_hours", "est_usd", "viable", "reason"):
+        for key in ("provider", "gpu", "usd_per_hour", "est_hours", "est_usd", "viable", "reason", "code"):
             assert key in r
-    costs = [r["est_usd"] for r in viable if r["est_usd"] is not None]
-    assert costs == sorted(costs[:1]) + sorted(costs[1:]) and costs  # owned first, then by expected $
-    assert viable[0]["provider"] == "local"  # the idle owned machine wins a job it can finish
+    # by expected $ of the completed job, owned capacity counted at 1/(1 + owned_tolerance) of its cost
+    ranked = [r["est_usd"] / (1.25 if r["owned"] else 1.0) for r in viable if r["est_usd"] is not None]
+    assert ranked == sorted(ranked) and ranked
     assert any(r["price_source"] == "snapshot" and r["price_date"] for r in rows)
-    assert all(r["reason"] for r in rows if not r["viable"])
+    assert all(r["reason"] and r["code"] for r in rows if not r["viable"])
+    # snapshot quotes and APIs this machine cannot launch on are listed, but not launchable now
+    assert not any(r["launchable_now"] for r in rows if r["price_source"] == "snapshot")
+    # what the daemon would do: the best offer it can launch on now (the idle local machine)
+    decision = out["decision"]
+    assert decision["verdict"] == "place" and decision["provider"] == "local"
+    assert decision["offer_id"] == next(r["offer_id"] for r in viable if r["launchable_now"])
     # the default (viable only) is the viable prefix of --all
-    only = json.loads(tf(offline_home, "offers", str(job), "--json", check=True).stdout)
+    only = json.loads(tf(offline_home, "offers", str(job), "--json", check=True).stdout)["offers"]
     assert [r["offer_id"] for r in only] == [r["offer_id"] for r in viable]
     # restricted data: nothing off premises is viable
-    restricted = json.loads(tf(offline_home, "offers", str(EXAMPLE), "--json", check=True).stdout)
+    restricted = json.loads(tf(offline_home, "offers", str(EXAMPLE), "--json", check=True).stdout)["offers"]
     assert restricted and all(r["on_premises"] for r in restricted)
+
+
+def test_offers_all_shows_every_offer_with_why_a_70b_full_fine_tune_cannot_run(offline_home, tmp_path):
+    """Every offer the providers know of is listed with its reason, and the verdict is a refusal
+    that names the sizes (not "viable on the local CPU for $0.44")."""
+    job = tmp_path / "huge.yaml"
+    text = EXAMPLE.read_text().replace("data: restricted", "data: open").replace(
+        "base_model: tunefleet/tiny-llama", "base_model: meta-llama/Llama-3.1-70B")
+    text = text.replace("adapter: qlora\nload_in_4bit: true\n", "").replace("path: data/", f"path: {EXAMPLE.parent}/data/")
+    text = text.replace("checkpoint:\n", "checkpoint:\n  store: s3://team-ckpt/tunefleet\n")
+    text = text.replace("gpus: 0 ", "gpus: 1 ")
+    job.write_text(text)
+    out = json.loads(tf(offline_home, "offers", str(job), "--json", "--all", check=True).stdout)
+    rows = out["offers"]
+    assert not any(r["viable"] for r in rows)
+    assert {r["provider"] for r in rows} >= {"local", "vast"}  # GPU offers are listed, not filtered away
+    vram = [r for r in rows if r["code"] == "vram"]
+    assert vram and all("GB per GPU" in r["reason"] for r in vram)
+    cpu = next(r for r in rows if r["offer_id"] == "local-cpu")
+    assert cpu["code"] == "cpu_only" and "device: cpu" in cpu["reason"]
+    assert out["decision"]["verdict"] == "refuse"
 
 
 def test_estimate_command(offline_home):

@@ -1,0 +1,209 @@
+"""Placing queued jobs: ask the providers for offers (off the loop), ``decide``, and launch.
+
+Jobs are looked at in the queue's order (priority, then oldest). A job that is waiting is looked
+at again every ``RECHECK_S``, at the time its wait names (a backoff, a budget reset), or as soon as
+an attempt ends (capacity came back); it never holds up the jobs behind it.
+
+For one job: every provider it may use that is not backing off is asked for offers, and the store
+for the job's newest checkpoint, each on its own worker with a deadline. Once all have answered (or
+passed their deadline: that provider is backed off and the decision is made without it), the
+answers go through ``orchestrator.decide.decide``. A launch is recorded before it is asked for, then
+asked for off the loop; a provider that says "no capacity" gets the job placed again at once on the
+next offer, and no attempt is charged.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from infra.storage import StorageError
+from jobs.estimate import estimate
+from orchestrator.calls import CallTimeout
+from orchestrator.decide import Code, Decision, JobView, Usage, Verdict, decide
+from orchestrator.states import JobState
+from orchestrator.store import InvalidTransition, JobRow
+from providers.base import LaunchRequest, ProviderUnavailable, TransientError
+
+BATCH = 50  # queued jobs considered per tick
+RECHECK_S = 10.0  # how often a job waiting for capacity or budget is looked at again
+OFFERS_TIMEOUT_S = 20.0  # a provider that has not answered with offers by then is backed off
+TRIES_PER_PASS = 3  # a job whose launch said "no capacity" is placed again at once, this often per pass
+
+_S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+           "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
+
+def store_secrets(store_uri: str) -> dict[str, str]:
+    """What a payload elsewhere needs to reach the checkpoint store: the daemon's own S3 settings."""
+    if not store_uri.startswith("s3://"):
+        return {}
+    return {k: os.environ[k] for k in _S3_ENV if os.environ.get(k)}
+
+
+class PlacingMixin:
+    """Part of ``orchestrator.daemon.Daemon``."""
+
+    def _estimate(self, job: JobRow):
+        if job.id not in self._estimates:
+            try:
+                method = job.spec.get("adapter") or "full"
+                self._estimates[job.id] = estimate(job.spec, self.store.calibration(job.spec["base_model"], method))
+            except Exception as exc:  # noqa: BLE001 - an estimate is advice; never let it block placement
+                self.log.warning("no estimate", job_id=job.id, error=str(exc))
+                self._estimates[job.id] = None
+        return self._estimates[job.id]
+
+    def _place(self) -> None:
+        now = self.clock()
+        self._avoid = {k: t for k, t in self._avoid.items() if t > now}
+        self._blocked = {k: t for k, t in self._blocked.items() if t > now}
+        if self._freed:  # an attempt ended: capacity came back, so every waiting job is due now
+            self._checked.clear()
+            self._freed = False
+        batch = self.store.next_queued(now, limit=BATCH + len(self._checked))
+        settling = now - self._freed_at < self.config.scaled(3.0)  # right after an attempt ended, look every tick
+        fresh = [j for j in batch if j.wait_code is None][:BATCH]
+        due = [j for j in batch if j.wait_code is not None
+               and (settling or (j.wait_until is not None and now >= j.wait_until)
+                    or now - self._checked.get(j.id, 0.0) >= self.config.scaled(RECHECK_S))]
+        live = self.store.live_attempts()
+        counts: dict[str, int] = {}
+        for a in live:
+            counts[a.provider] = counts.get(a.provider, 0) + 1
+        for job in fresh + due:
+            try:
+                for _ in range(TRIES_PER_PASS):
+                    if not self._place_one(job, live, counts):
+                        break
+                    job = self.store.get_job(job.id)
+                    if job.state is not JobState.QUEUED or job.not_before > self.clock():
+                        break
+            except (StorageError, OSError) as exc:
+                self._store_trouble(job, exc)
+            except Exception as exc:  # noqa: BLE001 - one job's trouble must not stop the queue
+                self.log.exception("placing a job failed", job_id=job.id, error=str(exc))
+                self.store.set_waiting(job.id, Code.ERROR, f"placing it failed: {type(exc).__name__}: {exc}",
+                                       self.clock() + self.config.scaled(60.0))
+
+    def _ask_offers(self, job: JobRow, est: Any) -> list[Any]:
+        """Start the offers calls of the providers this job may use that are not backing off, and
+        the read of its newest checkpoint (the last key)."""
+        allowed = (job.spec.get("policy") or {}).get("providers")
+        keys: list[Any] = []
+        for name, prov in sorted(self.providers.items()):
+            if (allowed and name not in allowed) or not self.health.usable(name) or name in self._unopened:
+                continue
+            key = ("offers", job.id, name)
+            keys.append(key)
+            self.calls.start(name, key, prov.offers, job.spec, est, timeout_s=OFFERS_TIMEOUT_S)
+        keys.append(("latest", job.id))
+        self.calls.start("store", keys[-1], self._ckpt_store(job).latest_checkpoint, job.id,
+                         timeout_s=self.config.call_timeout_s)
+        return keys
+
+    def _place_one(self, job: JobRow, live: list, counts: dict[str, int]) -> bool:
+        """Decide for one job and act; True when it launched (or tried to) and may be tried again."""
+        self._checked[job.id] = self.clock()
+        est = self._estimate(job)
+        keys = self._ask_offers(job, est)
+        self._wait(keys)
+        mono = self.calls.clock()
+        if any((c := self.calls.get(k)) is not None and not c.done and not c.overdue(mono) for k in keys):
+            return False  # still asking: decided when every answer is in (or late)
+        offers: list[Any] = []
+        for key in keys[:-1]:
+            name = key[2]
+            done, result, err = self.calls.take(key)
+            if err is None and done:
+                offers += result
+                self.health.success(name)
+            elif err is not None:
+                self._offers_failed(name, err)
+        done, latest, err = self.calls.take(keys[-1])
+        if err is not None:
+            raise err if isinstance(err, (StorageError, OSError)) else StorageError(f"checkpoint store: {err}")
+        now = self.clock()
+        usage = Usage(live=dict(counts), limits=dict(self.config.provider_limits), down=self.health.down(),
+                      disabled=self.health.disabled(),
+                      launchable=frozenset(self.providers), avoid=self._avoid, blocked=self._blocked,
+                      sweep_full=bool(job.sweep_id) and self._sweep_full(job.sweep_id, live),
+                      owned_tolerance=self.config.owned_tolerance)
+        done_steps = latest.step if latest else 0
+        caps = self.caps.for_launch(job, now, live, self._sweep)
+        d = decide(JobView(job.id, job.spec, job.cost_usd, done_steps), est, offers, caps, usage, now)
+        if d.launches:
+            return self._launch(job, d, done_steps, live, counts)
+        if d.verdict is Verdict.WAIT:
+            if self.store.set_waiting(job.id, d.code, d.text, d.until, data={"offers": len(d.placements)}):
+                self.log.warning("job waiting", job_id=job.id, code=str(d.code), reason=d.text)
+            return False
+        self.store.transition_job(job.id, JobState.FAILED, kind="failed", message=f"refused: {d.text}",
+                                  reason=d.text, data={"code": str(d.code)})
+        self.log.warning("job refused", job_id=job.id, code=str(d.code), reason=d.text)
+        return False
+
+    def _offers_failed(self, name: str, err: BaseException) -> None:
+        if isinstance(err, ProviderUnavailable):
+            self.health.unavailable(name, str(err))
+        elif isinstance(err, TransientError):
+            self.health.transient(name, str(err), err.retry_after_s)
+        elif isinstance(err, CallTimeout):
+            self.health.transient(name, f"offers: {err}")
+        else:  # a bug in one provider is a warning, not a crash
+            self.health.transient(name, f"offers failed: {type(err).__name__}: {err}")
+
+    def _sweep_full(self, sweep_id: str, live: list) -> bool:
+        sweep = self.store.get_sweep(sweep_id)
+        running = sum(1 for a in live if self._sweep(a.job_id) == sweep_id)
+        return running >= int(sweep["spec"]["sweep"]["max_parallel"])
+
+    def _store_trouble(self, job: JobRow, exc: BaseException) -> None:
+        """The job's checkpoint store failed: its problem alone. Transient: back the job off.
+        Permanent (no such bucket, access denied): fail it with the reason, which says the fix."""
+        if getattr(exc, "transient", False) or isinstance(exc, CallTimeout):
+            tries = sum(1 for e in self.store.events(job.id)[-20:] if e.kind == "waiting"
+                        and e.data.get("code") == Code.STORE_UNAVAILABLE)
+            wait = self.config.scaled(min(600.0, 15.0 * 2 ** tries))
+            self.store.set_waiting(job.id, Code.STORE_UNAVAILABLE, f"checkpoint store unavailable: {exc}",
+                                   self.clock() + wait, data={"retry_in_s": wait, "attempt": tries + 1})
+            self.log.warning("job's store unavailable", job_id=job.id, error=str(exc))
+            return
+        try:
+            self.store.transition_job(job.id, JobState.FAILED, kind="failed", message=f"checkpoint store: {exc}",
+                                      reason=f"checkpoint store: {exc}", data={"code": "store_failed"})
+        except InvalidTransition:
+            pass
+        self.log.error("job failed: its checkpoint store refused us", job_id=job.id, error=str(exc))
+
+    def _launch(self, job: JobRow, d: Decision, start_step: int, live: list, counts: dict[str, int]) -> bool:
+        placement = d.placement
+        offer = placement.offer
+        record = {"offer": offer.to_dict(), "why": placement.reason, "est_usd": placement.est_usd,
+                  "est_hours": placement.est_hours, "risk": placement.risk,
+                  "viable_offers": sum(p.viable for p in d.placements), "decision": str(d.code)}
+        try:
+            att = self.store.create_attempt(job.id, provider=offer.provider, offer_id=offer.offer_id,
+                                            usd_per_hour=offer.usd_per_hour, start_step=start_step, data=record)
+        except InvalidTransition:
+            return False  # cancelled or moved by someone else meanwhile
+        self._records[att.id] = record
+        if d.verdict is Verdict.LATE:
+            self.store.add_event(job.id, "late", d.text, attempt_id=att.id,
+                                 data={"offer": offer.offer_id, "finish_at": placement.finish_at})
+        self._checked.pop(job.id, None)
+        ckpt = self._ckpt_store(job)
+        log_path = str(self.config.attempt_log(att.id))
+        request = LaunchRequest(
+            job_id=job.id, attempt_id=att.id, spec=job.spec, store_uri=ckpt.uri, gpus=offer.gpu_count,
+            cpus=int((job.spec.get("resources") or {}).get("cpus", 1)), log_path=log_path,
+            secrets=store_secrets(ckpt.uri),
+        )
+        prov = self.providers[offer.provider]
+        key = ("launch", att.id)
+        self.calls.start(offer.provider, key, prov.launch, request, offer, timeout_s=self.config.call_timeout_s)
+        counts[offer.provider] = counts.get(offer.provider, 0) + 1
+        live.append(att)
+        self._wait([key])
+        self._harvest_launch(self.store.get_attempt(att.id), job)
+        return True
