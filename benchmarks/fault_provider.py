@@ -92,7 +92,7 @@ class FaultProvider(Provider):
 
     def __init__(self, faults: Faults, *, seed: int = 0, name: str = "faulty", usd_per_hour: float = 36.0,
                  steps_per_poll: int = 10, hang_s: float = 1.5, interruptible: bool = True,
-                 hazard_per_hour: float = 0.5, offers_per_call: int = 3) -> None:
+                 hazard_per_hour: float = 0.5, offers_per_call: int = 3, gpu: str | None = "A100-80GB") -> None:
         self.name = name
         self.faults = faults
         self.rng = random.Random(seed)
@@ -102,6 +102,7 @@ class FaultProvider(Provider):
         self.interruptible = interruptible
         self.hazard = hazard_per_hour
         self.offers_per_call = offers_per_call
+        self.gpu = gpu  # the GPU it rents to jobs that ask for GPUs (None: CPU machines only)
         self.machines: dict[str, Machine] = {}
         self.injected: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -138,8 +139,8 @@ class FaultProvider(Provider):
             raise ProviderUnavailable(f"{self.name}: API refused the key (injected)")
         if self._roll("offers_transient"):
             raise TransientError(f"{self.name}: HTTP 429 (injected)", retry_after_s=0.2)
-        gpus = int((spec.get("resources") or {}).get("gpus", 0) or 0)
-        return [Offer(provider=self.name, offer_id=f"{self.name}-{i}", gpu="A100-80GB" if gpus else "cpu",
+        gpus = int((spec.get("resources") or {}).get("gpus", 0) or 0) if self.gpu else 0
+        return [Offer(provider=self.name, offer_id=f"{self.name}-{i}", gpu=self.gpu if gpus else "cpu",
                       gpu_count=gpus, vram_gb=80.0 if gpus else 0.0, usd_per_hour=self.usd_per_hour * (1 + i / 10),
                       interruptible=self.interruptible, hazard_per_hour=self.hazard if self.interruptible else 0.0,
                       on_premises=True, startup_s=0.0, price_source=PriceSource.LIVE)

@@ -100,7 +100,7 @@ class Calls:
                 del self._calls[key]
                 self.timeouts += 1
                 waited = self.clock() - call.started
-                return True, None, CallTimeout(f"no answer within {waited:.0f} s")
+                return True, None, CallTimeout(f"no answer within {waited:.1f} s")
             else:
                 return False, None, None
         result, error = call.outcome()
@@ -116,13 +116,14 @@ class Calls:
                        and (kinds is None or (isinstance(k, tuple) and k and k[0] in kinds)))
 
     def settle(self, keys: Iterable[Hashable], timeout_s: float) -> None:
-        """Wait until every call of ``keys`` has finished, at most ``timeout_s``."""
+        """Wait until every call of ``keys`` has finished or passed its deadline, at most ``timeout_s``."""
         if timeout_s <= 0:
             return
         with self._lock:
-            futures = [c.future for k in keys if (c := self._calls.get(k)) is not None and not c.done]
-        if futures:
-            cf.wait(futures, timeout=timeout_s)
+            calls = [c for k in keys if (c := self._calls.get(k)) is not None and not c.done]
+        if calls:
+            last = max(c.deadline for c in calls) - self.clock()
+            cf.wait([c.future for c in calls], timeout=max(0.0, min(timeout_s, last)))
 
     def shutdown(self) -> None:
         """Stop accepting work; calls still running are abandoned (their threads end with them)."""

@@ -51,7 +51,7 @@ from providers.base import Provider
 from providers.registry import build_providers
 
 SETTLE_S = 3.0  # after an attempt ends, providers' views of free capacity may lag this long
-IDLE_HORIZON_S = 60.0  # --until-idle waits for a job that will be looked at again within this long
+IDLE_HORIZON_S = 300.0  # --until-idle waits for a job that will be looked at again within this long
 TICK_WAIT_S = 1.0  # the most one tick waits for provider and store answers, in all
 
 

@@ -9,7 +9,9 @@ be able to see it: every change is written to the store, where ``tunefleet provi
   row and the provider is disabled.
 - **Unavailable** (no credentials, refused key, could not connect at start-up): disabled for
   ``disable_s``, then tried again.
-- **Success** clears both.
+- **Success** of a kind of call (offers, launch, poll) clears the backoff; the count of
+  consecutive failures is kept per kind, so a provider that answers offers but fails every launch
+  is still disabled after five failed launches.
 Polls and cancels of attempts already running still go to a provider that backs off: only new
 work (offers, launches) waits.
 """
@@ -38,7 +40,7 @@ class _Entry:
     state: HealthState = HealthState.OK
     until: float = 0.0
     reason: str = ""
-    failures: int = 0
+    failures: int = 0  # consecutive transient failures of the kind of call that failed last
     outage: bool = False  # disabled because it did not answer (worth waiting for), not by configuration
 
 
@@ -51,6 +53,7 @@ class Health:
         self.clock = clock
         self.rng = rng or random.Random()
         self._entries: dict[str, _Entry] = {}
+        self._streaks: dict[tuple[str, str], int] = {}  # (provider, kind of call) -> failures in a row
 
     def _entry(self, name: str) -> _Entry:
         return self._entries.setdefault(name, _Entry())
@@ -80,10 +83,11 @@ class Health:
         return {n: f"{e.reason} (tried again in {e.until - now:.0f} s)" for n, e in self._entries.items()
                 if e.state is HealthState.DISABLED and not e.outage and now < e.until}
 
-    def transient(self, name: str, reason: str, retry_after_s: float | None = None) -> float:
+    def transient(self, name: str, reason: str, retry_after_s: float | None = None, *, kind: str = "call") -> float:
         """Back the provider off; returns until when."""
         e = self._entry(name)
-        e.failures += 1
+        streak = self._streaks[(name, kind)] = self._streaks.get((name, kind), 0) + 1
+        e.failures = streak
         if e.failures >= DISABLE_AFTER:
             return self.unavailable(name, f"{e.failures} transient errors in a row; last: {reason}", outage=True)
         wait = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (e.failures - 1)) * self.scale
@@ -101,11 +105,13 @@ class Health:
         self._save(name, e)
         return e.until
 
-    def success(self, name: str) -> None:
+    def success(self, name: str, *, kind: str = "call") -> None:
+        self._streaks.pop((name, kind), None)
         e = self._entries.get(name)
         if e is None:
             e = self._entries[name] = _Entry(reason="answering")
             self._save(name, e)
-        elif e.state is not HealthState.OK or e.failures:
-            self._entries[name] = e = _Entry(reason="answering again")
+        elif e.state is not HealthState.OK:
+            self._entries[name] = e = _Entry(reason="answering again",
+                                             failures=max((n for (p, _), n in self._streaks.items() if p == name), default=0))
             self._save(name, e)

@@ -73,13 +73,13 @@ class PlacingMixin:
             counts[a.provider] = counts.get(a.provider, 0) + 1
         for job in fresh + due:
             try:
-                for _ in range(TRIES_PER_PASS):
+                for _ in range(TRIES_PER_PASS + 1):  # after the last try, one more decision says why it waits
                     if not self._place_one(job, live, counts):
                         break
                     job = self.store.get_job(job.id)
                     if job.state is not JobState.QUEUED or job.not_before > self.clock():
                         break
-            except (StorageError, OSError) as exc:
+            except (StorageError, OSError, CallTimeout) as exc:
                 self._store_trouble(job, exc)
             except Exception as exc:  # noqa: BLE001 - one job's trouble must not stop the queue
                 self.log.exception("placing a job failed", job_id=job.id, error=str(exc))
@@ -117,12 +117,12 @@ class PlacingMixin:
             done, result, err = self.calls.take(key)
             if err is None and done:
                 offers += result
-                self.health.success(name)
+                self.health.success(name, kind="offers")
             elif err is not None:
                 self._offers_failed(name, err)
         done, latest, err = self.calls.take(keys[-1])
         if err is not None:
-            raise err if isinstance(err, (StorageError, OSError)) else StorageError(f"checkpoint store: {err}")
+            raise err if isinstance(err, (StorageError, OSError, CallTimeout)) else StorageError(f"checkpoint store: {err}")
         now = self.clock()
         usage = Usage(live=dict(counts), limits=dict(self.config.provider_limits), down=self.health.down(),
                       disabled=self.health.disabled(),
@@ -147,11 +147,11 @@ class PlacingMixin:
         if isinstance(err, ProviderUnavailable):
             self.health.unavailable(name, str(err))
         elif isinstance(err, TransientError):
-            self.health.transient(name, str(err), err.retry_after_s)
+            self.health.transient(name, str(err), err.retry_after_s, kind="offers")
         elif isinstance(err, CallTimeout):
-            self.health.transient(name, f"offers: {err}")
+            self.health.transient(name, f"offers: {err}", kind="offers")
         else:  # a bug in one provider is a warning, not a crash
-            self.health.transient(name, f"offers failed: {type(err).__name__}: {err}")
+            self.health.transient(name, f"offers failed: {type(err).__name__}: {err}", kind="offers")
 
     def _sweep_full(self, sweep_id: str, live: list) -> bool:
         sweep = self.store.get_sweep(sweep_id)

@@ -25,6 +25,7 @@ from orchestrator.store import AttemptRow, InvalidTransition, JobRow
 from providers.base import RunState, RunStatus
 
 LEASE_REFRESH_S = 30.0  # the budget lease in the control object is rewritten at most this often
+CANCEL_TRIES = 3  # the budget horizon allows this many cancel calls (each up to call_timeout_s) to fail first
 
 
 class WatchMixin:
@@ -122,9 +123,11 @@ class WatchMixin:
     def _horizon_s(self, att: AttemptRow, job: JobRow) -> float:
         """How long this attempt may run on before the daemon can next act and it has stopped: the
         loop's measured period (to notice, and to see it gone), the payload's control check, the
-        stop grace, and how long its provider takes to destroy a machine, plus a margin."""
+        stop grace, and ``CANCEL_TRIES`` cancel calls at their deadline, plus a second. The hard cap
+        holds as long as the provider confirms a destroy within those tries."""
         control = getattr(self._ckpt_store(job), "control_poll_s", 1.0)
-        return 2 * self._tick_s() + control + self.config.stop_grace_s + self.config.call_timeout_s / 10 + 2.0
+        cancel = CANCEL_TRIES * self.config.call_timeout_s  # a cancel that fails is tried again each tick
+        return 2 * self._tick_s() + control + self.config.stop_grace_s + cancel + 1.0
 
     def _request_stop(self, att: AttemptRow, job: JobRow, why: str) -> AttemptRow:
         now = self.clock()
@@ -214,7 +217,7 @@ class WatchMixin:
         if not done:
             return
         if err is None:
-            self.health.success(att.provider)
+            self.health.success(att.provider, kind="launch")
             self.store.transition_attempt(
                 att.id, AttemptState.LAUNCHING, kind="launched",
                 message=f"launched on {att.provider} ({att.offer_id}), resuming from step {att.start_step}",
@@ -223,17 +226,17 @@ class WatchMixin:
             self.log.info("attempt launched", job_id=job.id, attempt_id=att.id, provider=att.provider)
             return
         if isinstance(err, CallTimeout):  # it may still come up: look for it by name before giving up
-            self.health.transient(att.provider, f"launch: {err}")
+            self.health.transient(att.provider, f"launch: {err}", kind="launch")
             self.store.add_event(job.id, "launch_unanswered", f"the launch call gave {err}; looking for the "
                                  "attempt by name", attempt_id=att.id)
             return
         action, reason = error_action(err)
         if action is ErrorAction.BACKOFF_PROVIDER:
-            self.health.transient(att.provider, str(err), getattr(err, "retry_after_s", None))
+            self.health.transient(att.provider, str(err), getattr(err, "retry_after_s", None), kind="launch")
         elif action is ErrorAction.DISABLE_PROVIDER:
             self.health.unavailable(att.provider, str(err))
         else:
-            self.health.success(att.provider)  # it answered: a refusal of this offer, not an outage
+            self.health.success(att.provider, kind="launch")  # it answered: a refusal of this offer, not an outage
         self.log.warning("launch failed", job_id=job.id, attempt_id=att.id, action=action.value, error=str(err))
         self._end(att, job, reason, f"launch failed ({action.value}): {err}", watched=False, billed=False)
 
@@ -270,7 +273,7 @@ class WatchMixin:
         done, status, err = self.calls.take(("poll", att.id))
         if done and err is not None:
             if isinstance(err, CallTimeout):
-                self.health.transient(att.provider, f"poll: {err}")
+                self.health.transient(att.provider, f"poll: {err}", kind="poll")
             status = RunStatus(RunState.UNKNOWN, detail=f"poll failed: {type(err).__name__}: {err}")
         elif not done:
             status = None

@@ -14,7 +14,7 @@ from benchmarks.market.policies import Tunefleet
 from benchmarks.market.run import run_all
 from benchmarks.market.sim import Market, Simulator, reload_hours
 from benchmarks.market.trace import MachineTrack, MarketParams, OfferTrack, Trace, generate, load, save
-from orchestrator import scheduler
+from orchestrator import decide as deciding
 
 POLICY_NAMES = {"tunefleet", "cheapest_per_hour", "on_demand", "local_only", "lower_bound"}
 TINY = MarketParams(days=1.5, drain_days=1.5, jobs_per_day=10,
@@ -31,20 +31,19 @@ def tiny_run(tiny):
     return run_all(tiny, seed=5)
 
 
-def test_tunefleet_places_each_attempt_where_the_real_rank_put_it(tiny, monkeypatch):
+def test_tunefleet_places_each_attempt_where_the_real_decide_put_it(tiny, monkeypatch):
     calls: list[tuple[str, float, str | None]] = []
-    real = scheduler.rank
+    real = deciding.decide
 
-    def spy(spec, est, offers, **kw):
-        placements = real(spec, est, offers, **kw)
-        first = placements[0] if placements and placements[0].viable else None
-        said = None if first is None else f"{first.offer.provider}/{first.offer.offer_id}"
-        calls.append((spec["name"], kw["now"], said))
-        return placements
+    def spy(job, est, offers, caps, usage, now):
+        d = real(job, est, offers, caps, usage, now)
+        said = f"{d.placement.offer.provider}/{d.placement.offer.offer_id}" if d.launches else None
+        calls.append((job.spec["name"], now, said))
+        return d
 
-    monkeypatch.setattr(scheduler, "rank", spy)
+    monkeypatch.setattr(deciding, "decide", spy)
     result = Simulator(Market(tiny, seed=5), Tunefleet()).run()
-    assert calls, "the simulator never called orchestrator.scheduler.rank"
+    assert calls, "the simulator never called orchestrator.decide.decide"
     assert result.rank_calls == len(calls)
     said = {(name, now): offer for name, now, offer in calls}  # the last answer at that moment
     attempts = [(j.info.spec["name"], tiny.epoch(start), offer) for j in result.jobs for offer, start, *_ in j.log]

@@ -8,7 +8,8 @@ several providers are listed and unlisted, prices move, interruptible offers are
 their hazard (with a warning, or without: the work since the last checkpoint is lost), owned GPUs
 are idle or busy with the team's other work, and fine-tuning jobs arrive with sizes, deadlines,
 data sensitivity and checkpoint intervals. Five policies (``policies``) run on the same trace and
-the same reclaims: ``tunefleet`` (``orchestrator.scheduler.rank``, called as the daemon calls it),
+the same reclaims: ``tunefleet`` (``orchestrator.decide.decide``, called as the daemon calls it, so a
+job that cannot meet its deadline runs late),
 ``cheapest_per_hour`` (same hard constraints, lowest $/h: SkyPilot's and dstack's optimizers),
 ``on_demand`` (never interruptible), ``local_only`` (queue for the owned GPUs) and
 ``lower_bound`` (each job once, never interrupted, on the cheapest offer that could hold it when

@@ -1,14 +1,13 @@
 """The placement policies compared. Every one sees the same offers at the same moments.
 
-- ``tunefleet``: ``orchestrator.scheduler.rank`` exactly as the daemon calls it (the job spec,
-  its Estimate, the offers, now, the offers lost in the last 60 s, the money spent, the steps
-  committed); the first viable placement wins. A job whose deadline has passed is never viable
-  again (rank rejects every offer whose expected finish is after it), so it stays queued for good.
+- ``tunefleet``: ``orchestrator.decide.decide`` exactly as the daemon calls it (the job spec, its
+  Estimate, the offers free now, the offers lost in the last 60 s, the money spent, the steps
+  committed): it places, or runs late when no offer can meet the deadline (as the daemon does).
 - ``cheapest_per_hour``: what SkyPilot's and dstack's optimizers do. The same hard constraints
   (VRAM, GPU count, restricted data, spot policy: rank's own checks, with the deadline taken
   out), then the lowest $/h.
-- ``on_demand``: never interruptible: rank with ``policy.spot: never`` (the cheapest expected
-  cost among on-demand and owned offers that meet the deadline).
+- ``on_demand``: never interruptible: decide with ``policy.spot: never`` (the cheapest expected
+  cost among on-demand and owned offers that meet the deadline, or late).
 - ``local_only``: queue for the owned GPUs (only owned offers are ranked, no deadline), first
   come first served; a job the owned GPUs cannot hold never runs.
 - ``lower_bound``: each job once, never interrupted (reclaims do not touch it), on the offer
@@ -29,14 +28,9 @@ from .sim import JobRun, Policy
 class Tunefleet(Policy):
     name = "tunefleet"
 
-    def gives_up(self, job: JobRun, now_epoch: float) -> bool:
-        d = job.info.deadline_epoch
-        return d is not None and now_epoch >= d
-
     def choose(self, job, offers, now_epoch, avoid):
-        placements = self.rank(job.info.spec, job.info.est, offers, now=now_epoch, avoid=avoid,
-                               spent_usd=job.spent, done_steps=job.committed)
-        return placements[0].offer if placements and placements[0].viable else None
+        d = self.decide(job, job.info.spec, offers, now_epoch, avoid)
+        return d.placement.offer if d.launches else None
 
 
 class CheapestPerHour(Policy):
@@ -63,9 +57,8 @@ class OnDemand(Tunefleet):
             spec = copy.deepcopy(job.info.spec)
             spec["policy"]["spot"] = "never"
             self._specs[job.info.track.id] = spec
-        placements = self.rank(spec, job.info.est, offers, now=now_epoch, avoid=avoid,
-                               spent_usd=job.spent, done_steps=job.committed)
-        return placements[0].offer if placements and placements[0].viable else None
+        d = self.decide(job, spec, offers, now_epoch, avoid)
+        return d.placement.offer if d.launches else None
 
 
 class LocalOnly(Policy):

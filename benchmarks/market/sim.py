@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from jobs.estimate import Estimate, estimate
+from orchestrator import decide as deciding  # the daemon's decision function, looked up at call time (tests wrap it)
 from orchestrator import scheduler  # the real scheduler, looked up at call time (tests wrap it)
 from providers.base import Offer, PriceSource
 
@@ -215,6 +216,16 @@ class Policy:
     def rank(self, spec, est, offers, **kw):
         self.rank_calls += 1
         return scheduler.rank(spec, est, offers, **kw)
+
+    def decide(self, job: JobRun, spec: dict[str, Any], offers: list[Offer], now_epoch: float,
+               avoid: frozenset) -> Any:
+        """``orchestrator.decide.decide`` exactly as the daemon calls it, with what the simulator
+        knows: the offers free now, the ones lost in the last 60 s, the money spent, the steps
+        committed (no budget caps: the traces carry none)."""
+        self.rank_calls += 1
+        usage = deciding.Usage(avoid={k: now_epoch + AVOID_S for k in avoid})
+        view = deciding.JobView(job.info.track.id, spec, job.spent, job.committed)
+        return deciding.decide(view, job.info.est, offers, [], usage, now_epoch)
 
     def gives_up(self, job: JobRun, now_epoch: float) -> bool:
         return False

@@ -1,0 +1,233 @@
+"""The real daemon against a provider that fails the way real ones do: every error has its action,
+every wait its deadline, every cap holds. In-process, time compressed (``tests/daemon_world.py``)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from benchmarks.fault_provider import Faults
+from orchestrator.budget import next_month_start
+from orchestrator.states import AttemptState, EndReason, JobState
+from orchestrator.store import Store
+from tests import daemon_world as w
+from tests.faulty_proxy import Rule
+from tests.s3_fixtures import aws_env, moto_server, new_bucket, s3_proxy  # noqa: F401 - fixtures
+
+w.quiet_logs()
+
+
+@pytest.fixture
+def world(tmp_path):
+    cfg = w.config(tmp_path)
+    store = Store(cfg.db_path)
+    yield tmp_path, cfg, store
+    store.close()
+
+
+def codes(store: Store, job_id: str) -> list[EndReason | None]:
+    return [a.end_code for a in store.attempts_for(job_id)]
+
+
+def test_no_capacity_places_again_at_once_and_charges_nothing(world):
+    _, cfg, store = world
+    prov = w.provider(Faults({"launch_no_capacity": 1.0}))
+    d = w.daemon(store, cfg, prov)
+    job = w.submit(store, cfg)
+    d.tick()
+    # every offer said "no capacity" within the same pass; none counted as a failure or billed
+    assert codes(store, job) == [EndReason.NO_CAPACITY] * 3
+    assert store.spend_total(job) == 0
+    row = store.get_job(job)
+    assert row.state is JobState.QUEUED and row.wait_code == "busy" and "blocked" in row.reason
+    assert row.wait_until is not None  # looked at again when the first block ends
+    prov.faults = Faults.none()
+    d.run(until_idle=True, max_seconds=60)
+    assert store.get_job(job).state is JobState.SUCCEEDED
+    assert codes(store, job)[-1] is EndReason.FINISHED
+
+
+def test_transient_errors_back_the_provider_off_and_never_count_against_the_job(world):
+    _, cfg, store = world
+    prov = w.provider(Faults({"launch_transient": 1.0}))
+    d = w.daemon(store, cfg, prov)
+    job = w.submit(store, cfg)
+    before = time.time()
+    d.tick()
+    health = store.provider_health()["faulty"]
+    assert health["state"] == "backoff" and health["until"] >= before + 0.2  # the provider's retry-after
+    assert "HTTP 503" in health["reason"]
+    assert codes(store, job) == [EndReason.PROVIDER_ERROR]
+    assert store.get_job(job).state is JobState.QUEUED
+    deadline = time.monotonic() + 30  # five in a row and the provider is disabled a while, and said so
+    while time.monotonic() < deadline and store.provider_health()["faulty"]["state"] != "disabled":
+        d.tick()
+        time.sleep(0.02)
+    assert store.provider_health()["faulty"]["state"] == "disabled"
+    assert all(c is EndReason.PROVIDER_ERROR for c in codes(store, job))
+    assert store.get_job(job).state is JobState.QUEUED
+    prov.faults = Faults.none()
+    d.run(until_idle=True, max_seconds=60)
+    assert store.get_job(job).state is JobState.SUCCEEDED
+
+
+def test_a_provider_that_always_fails_to_launch_fails_the_job_with_the_last_error(world):
+    _, cfg, store = world
+    d = w.daemon(store, cfg, w.provider(Faults({"launch_failed": 1.0})))
+    job = w.submit(store, cfg)
+    d.run(until_idle=True, max_seconds=60)
+    row = store.get_job(job)
+    assert row.state is JobState.FAILED and "image pull failed" in row.reason
+    assert codes(store, job) == [EndReason.LAUNCH_FAILED] * cfg.max_launch_failures
+    assert store.spend_total(job) == 0
+
+
+def test_a_cancel_while_launching_ends_the_job_and_until_idle_exits(world):
+    _, cfg, store = world
+    prov = w.provider(Faults({"launch_hang": 1.0}), hang_s=2.0)
+    d = w.daemon(store, cfg, prov)
+    job = w.submit(store, cfg)
+    d.tick()
+    assert store.get_job(job).state is JobState.LAUNCHING
+    store.request_cancel(job)
+    d.run(until_idle=True, max_seconds=60)
+    assert store.get_job(job).state is JobState.CANCELLED
+    assert d.idle()
+    assert all(a.state.terminal for a in store.attempts_for(job))
+    assert not prov.running()  # whatever the lost launch rented was found by name and destroyed
+
+
+def test_an_attempt_stuck_in_unknown_is_lost_after_its_deadline_and_its_machine_cancelled(world):
+    _, cfg, store = world
+    from dataclasses import replace
+
+    cfg = replace(cfg, max_preemptions=1)
+    prov = w.provider(Faults({"stuck_unknown": 1.0}))
+    d = w.daemon(store, cfg, prov)
+    job = w.submit(store, cfg)
+    d.run(until_idle=True, max_seconds=60)
+    row = store.get_job(job)
+    assert row.state is JobState.FAILED and "lost" in row.reason
+    assert codes(store, job) == [EndReason.LOST, EndReason.LOST]
+    assert any(e.kind == "unknown" for e in store.events(job))
+    assert not prov.running()
+
+
+def test_a_dead_daemon_bills_nothing_for_a_payload_that_died_with_it(world):
+    _, cfg, store = world
+    prov = w.provider(Faults.none(), usd_per_hour=3600.0, steps_per_poll=1)
+    now = [time.time()]
+    d = w.daemon(store, cfg, prov)
+    d.clock = lambda: now[0]
+    job = w.submit(store, cfg, max_steps=1000)
+    while store.get_job(job).state is not JobState.RUNNING:
+        d.tick()
+    for _ in range(3):
+        d.tick()
+    att = store.live_attempts()[0]
+    seen = store.get_attempt(att.id).last_seen_at
+    # the daemon dies (it ticks no more); its payload dies with it; a new daemon starts 2,000 s later
+    for m in prov.machines.values():  # gone with it, as an embedded Ray's actors are
+        m.state, m.ended = "destroyed", now[0]
+    now[0] += 2000.0
+    d2 = w.daemon(store, cfg, prov)
+    d2.clock = lambda: now[0]
+    d2.tick()
+    ended = store.get_attempt(att.id)
+    assert ended.end_code is EndReason.LOST
+    billed = store.spend_total(job)
+    assert billed <= 3600.0 * (seen + 2 * d2._tick_s() - att.created_at) / 3600.0  # to its last sign of life
+    assert billed < 1.0  # not the 2,000 s the daemon was down ($2,000 at this rate)
+    assert store.get_job(job).state in (JobState.QUEUED, JobState.LAUNCHING)  # resumed, not stopped by budget
+
+
+def test_a_monthly_budget_that_is_spent_waits_for_the_first_and_one_too_big_fails(world):
+    from dataclasses import replace
+
+    _, cfg, store = world
+    other = w.submit(store, cfg)
+    store.request_cancel(other)
+    store.add_spend(other, None, provider="faulty", usd=0.99)
+    cfg = replace(cfg, budget_monthly_usd=1.0)
+    d = w.daemon(store, cfg, w.provider(Faults.none()))
+    job = w.submit(store, cfg)
+    d.run(until_idle=True, max_seconds=60)
+    row = store.get_job(job)
+    assert row.state is JobState.QUEUED and row.wait_code == "budget_reset"
+    assert row.wait_until == next_month_start(time.time()) and "reset" in row.reason
+    d = w.daemon(store, replace(cfg, budget_monthly_usd=0.0001), w.provider(Faults.none()))
+    d.run(until_idle=True, max_seconds=60)
+    row = store.get_job(job)
+    assert row.state is JobState.FAILED and "can never fit" in row.reason and "monthly budget" in row.reason
+
+
+def test_a_job_that_can_never_run_fails_at_once_with_the_reason(world):
+    _, cfg, store = world
+    d = w.daemon(store, cfg, w.provider(Faults.none(), gpu=None))  # rents CPU machines only
+    greedy = w.submit(store, cfg)
+    row = store.get_job(greedy)
+    spec = dict(row.spec, resources={**row.spec["resources"], "gpus": 1, "device": "cuda"})
+    cuda = store.submit(spec, name="cuda")  # wants a GPU; only CPUs exist here
+    cheap = w.submit(store, cfg, max_usd=0.000001)
+    d.run(until_idle=True, max_seconds=60)
+    assert store.get_job(greedy).state is JobState.SUCCEEDED
+    assert store.get_job(cheap).state is JobState.FAILED and "policy.max_usd" in store.get_job(cheap).reason
+    assert store.attempts_for(cheap) == []
+    failed = store.get_job(cuda)
+    assert failed.state is JobState.FAILED and "CPU only" in failed.reason
+    assert store.attempts_for(cuda) == []
+    assert [e.data.get("code") for e in store.events(cuda) if e.kind == "failed"] == ["no_offer"]
+
+
+def test_one_jobs_broken_store_fails_that_job_alone(world, moto_server):  # noqa: F811
+    _, cfg, store = world
+    with aws_env(AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s", AWS_DEFAULT_REGION="us-east-1",
+                 AWS_ENDPOINT_URL=moto_server, TUNEFLEET_S3_DEADLINE_S="1"):
+        d = w.daemon(store, cfg, w.provider(Faults.none()))
+        broken = store.submit(dict(store.get_job(w.submit(store, cfg)).spec,
+                                   checkpoint={"store": "s3://tunefleet-no-such-bucket/x", "keep": 3}), name="broken")
+        d.run(until_idle=True, max_seconds=60)
+    healthy = [j for j in store.list_jobs() if j.id != broken]
+    assert [j.state for j in healthy] == [JobState.SUCCEEDED]
+    row = store.get_job(broken)
+    assert row.state is JobState.FAILED and "tunefleet-no-such-bucket" in row.reason and "does not exist" in row.reason
+
+
+def test_a_store_outage_makes_that_job_wait_and_it_finishes_after(world, moto_server, s3_proxy):  # noqa: F811
+    _, cfg, store = world
+    bucket = new_bucket(moto_server)
+    with aws_env(AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s", AWS_DEFAULT_REGION="us-east-1",
+                 AWS_ENDPOINT_URL=s3_proxy.endpoint, TUNEFLEET_S3_DEADLINE_S="0.5"):
+        d = w.daemon(store, cfg, w.provider(Faults.none()))
+        healthy = w.submit(store, cfg)
+        job = store.submit(dict(store.get_job(healthy).spec, checkpoint={"store": f"s3://{bucket}/x", "keep": 3}),
+                           name="outage")
+        outage = s3_proxy.add(Rule(action="error", status=503, code="ServiceUnavailable"))
+        for _ in range(400):
+            d.tick()
+            if store.get_job(healthy).terminal and store.get_job(job).wait_code == "store_unavailable":
+                break
+        assert store.get_job(healthy).state is JobState.SUCCEEDED
+        row = store.get_job(job)
+        assert row.state is JobState.QUEUED and row.wait_code == "store_unavailable" and outage.fired
+        s3_proxy.clear()
+        d.run(until_idle=True, max_seconds=90)
+        assert store.get_job(job).state is JobState.SUCCEEDED
+
+
+def test_sigterm_to_a_budget_stop_and_a_cancel_are_told_apart(world):
+    """A budget stop ends stopped_budget (not cancelled, not preempted), through the control object."""
+    _, cfg, store = world
+    prov = w.provider(Faults.none(), usd_per_hour=360.0, steps_per_poll=1)
+    w.calibrate_fast(store)
+    d = w.daemon(store, cfg, prov)
+    job = w.submit(store, cfg, max_steps=100000, max_usd=0.5)
+    d.run(until_idle=True, max_seconds=90)
+    row = store.get_job(job)
+    assert row.state is JobState.STOPPED_BUDGET, row
+    att = store.attempts_for(job)[-1]
+    assert att.end_code is EndReason.BUDGET_STOP and att.state is AttemptState.CANCELLED
+    assert att.exit_code == 76  # the payload saw the control object, saved and left
+    assert 0 < store.spend_total(job) <= 0.5
+    assert [e.kind for e in store.events(job)].count("budget_stop") == 1
