@@ -7,77 +7,32 @@ Exit codes: 0 ok; 1 operational error (unknown job, invalid transition, locked d
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from infra.config import Config, ConfigError, load_config
+from orchestrator.cli_base import (
+    CliError,
+    JsonOpt,
+    _check_providers,
+    _check_store,
+    _config,
+    _emit_json,
+    _job_id,
+    _load,
+    _store,
+    app,
+    console,
+    err,
+)
 from orchestrator.queue import job_summary, submit_spec
 from orchestrator.states import JobState
 
-app = typer.Typer(
-    name="tunefleet",
-    help="Run LLM fine-tuning jobs on the cheapest capacity that can do them, and survive preemption.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-console = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-
-
-class CliError(Exception):
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
-
-
-def _config() -> Config:
-    try:
-        return load_config()
-    except ConfigError as exc:
-        raise CliError(str(exc), 2) from None
-
-
-def _store(config: Config):
-    from orchestrator.store import Store
-
-    config.home.mkdir(parents=True, exist_ok=True)
-    return Store(config.db_path)
-
-
-def _emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=1, default=str) + "\n")
-
-
-def _job_id(store, prefix: str) -> str:
-    from orchestrator.store import JobNotFound
-
-    try:
-        return store.resolve_job_id(prefix)
-    except JobNotFound as exc:
-        raise CliError(str(exc)) from None
-
-
 # ---------------------------------------------------------------- validate / submit
-def _load(path: Path):
-    from jobs.spec import JobFileError, load_job_file
-
-    try:
-        return load_job_file(path)
-    except JobFileError as exc:
-        n = len(exc.problems)
-        raise CliError(f"{path}: {n} problem{'s' if n != 1 else ''}; nothing was queued\n{exc}", 2) from None
-
-
 @app.command()
 def validate(job_file: Path, json_out: JsonOpt = False) -> None:
     """Check a job file and report every problem at once (with key paths and lines)."""
@@ -449,203 +404,7 @@ def report(
 
 
 # ---------------------------------------------------------------- providers / estimate / offers
-@app.command()
-def providers(json_out: JsonOpt = False) -> None:
-    """Every provider: enabled or not, why, whether the daemon can launch there, its price source, and
-    how the daemon last found it (backing off after errors, or disabled a while)."""
-    from providers.registry import PROVIDERS, build_providers
-
-    config = _config()
-    built, broken = build_providers(config, light=True)
-    health: dict[str, dict[str, Any]] = {}
-    if config.db_path.is_file():
-        with _store(config) as store:
-            health = store.provider_health()
-    now = time.time()
-    rows = []
-    for name in PROVIDERS:
-        h = health.get(name)
-        daemon = None
-        if h is not None:
-            active = h["state"] != "ok" and (h["until"] or 0) > now
-            daemon = {"state": h["state"] if active else "ok", "until": h["until"] if active else None,
-                      "reason": h["reason"], "failures": h["failures"], "seen_at": h["updated_at"]}
-        if name in broken:
-            rows.append({"provider": name, "enabled": False, "launchable": False, "reason": broken[name],
-                         "daemon": daemon})
-            continue
-        prov = built[name]
-        try:
-            enabled, reason = prov.check()
-        except Exception as exc:  # check() must not raise; if it does, report it
-            enabled, reason = False, f"check failed: {exc}"
-        rows.append({"provider": name, "enabled": enabled, "launchable": prov.launchable, "reason": reason,
-                     "daemon": daemon})
-    if json_out:
-        _emit_json(rows)
-        return
-    table = Table(box=None, header_style="bold")
-    for col in ("PROVIDER", "ENABLED", "LAUNCH", "DAEMON SAYS", "WHY / PRICE SOURCE"):
-        table.add_column(col, overflow="fold", no_wrap=col not in ("WHY / PRICE SOURCE", "DAEMON SAYS"))
-    for r in rows:
-        d = r["daemon"]
-        says = "-" if d is None else "ok" if d["state"] == "ok" else (
-            f"[yellow]{d['state']}[/] until {time.strftime('%H:%M:%S', time.localtime(d['until']))}: {d['reason']}")
-        table.add_row(r["provider"], "[green]yes[/]" if r["enabled"] else "[yellow]no[/]",
-                      "yes" if r["launchable"] else "not yet", says, r["reason"])
-    console.print(table)
-
-
-def _spec_and_estimate(job_file: Path):
-    """The validated job and its estimate, calibrated by throughput measured on earlier runs."""
-    from jobs.estimate import estimate
-
-    spec = _load(job_file)
-    _check_providers(spec)
-    config = _config()
-    calibration: dict[str, float] = {}
-    if config.db_path.is_file():
-        with _store(config) as store:
-            calibration = store.calibration(spec.base_model, spec.adapter or "full")
-    return spec, estimate(spec, calibration)
-
-
-def _check_store(uri: str) -> None:
-    """An S3 checkpoint store must exist and take our writes before a job that needs it is queued."""
-    if not uri.startswith("s3://"):
-        return
-    from infra.storage import StorageError, is_permanent, open_store
-
-    try:
-        open_store(uri).probe()
-    except StorageError as exc:
-        raise CliError(f"checkpoint.store {uri}: {exc}; nothing was queued", 2 if is_permanent(exc) else 1) from None
-
-
-def _check_providers(spec) -> None:
-    from providers.registry import UnknownProvider, check_names
-
-    try:
-        check_names(spec.policy.providers or ())
-    except UnknownProvider as exc:
-        raise CliError(f"policy.providers: {exc}; nothing was queued", 2) from None
-
-
-@app.command()
-def estimate(job_file: Path, json_out: JsonOpt = False) -> None:
-    """VRAM, tokens, and hours and cost on each GPU model, before anything is rented."""
-    from jobs.gpus import GPUS
-
-    spec, est = _spec_and_estimate(job_file)
-    gpus = max(1, spec.resources.gpus)
-    rows = []
-    for name, info in GPUS.items():
-        hours = est.hours(name, 0 if name == "cpu" else gpus)
-        fits = name == "cpu" or info.vram_gb >= est.vram_gb
-        rows.append({"gpu": name, "count": 0 if name == "cpu" else gpus, "vram_gb": info.vram_gb,
-                     "fits": fits, "hours": round(hours, 4) if hours is not None else None})
-    if json_out:
-        _emit_json({"estimate": est.to_dict(), "gpus": rows})
-        return
-    d = est.to_dict()
-    console.print(
-        f"[bold]{job_file}[/]: {d['method']} of {spec.base_model} ({d['params_b']:.3g} B params, from {d['params_source']})\n"
-        f"VRAM per GPU: {d['vram_gb']:.1f} GB (weights+optimizer {d['weights_gb']:.1f}, activations {d['activations_gb']:.1f})\n"
-        f"tokens: {d['tokens']:,} over {d['steps']:,} steps ({d['examples']:,} examples)"
-    )
-    table = Table(box=None, header_style="bold")
-    for col in ("GPU", "COUNT", "VRAM", "FITS", "HOURS"):
-        table.add_column(col, justify="left" if col == "GPU" else "right")
-    for r in rows:
-        table.add_row(r["gpu"], str(r["count"]), f"{r['vram_gb']:g}", "yes" if r["fits"] else "[red]no[/]",
-                      f"{r['hours']:.3f}" if r["hours"] is not None else "-")
-    console.print(table)
-
-
-@app.command()
-def offers(
-    job_file: Path,
-    show_all: Annotated[bool, typer.Option("--all", help="Also list rejected offers, with the reason.")] = False,
-    json_out: JsonOpt = False,
-) -> None:
-    """Every provider's offers for a job, ranked by expected cost of the completed job, and what the
-    daemon would do with it now (the same decision function, on the same inputs)."""
-    from providers.registry import build_providers, gather_offers
-
-    spec, est = _spec_and_estimate(job_file)
-    config = _config()
-    doc = spec.to_payload_dict()
-    doc["checkpoint"]["store"] = doc["checkpoint"].get("store") or config.default_store  # as submit fills it
-    built, broken = build_providers(config, spec.policy.providers, light=True)
-    result = gather_offers(built, doc, est)
-    problems = {**broken, **result.problems}
-    disabled = {n: why for n, why in problems.items() if n in broken or n in result.unavailable}
-    down = {n: why for n, why in problems.items() if n not in disabled}
-    d = _decision(config, doc, est, result.offers, built, down, disabled)
-    shown = [p for p in d.placements if show_all or p.viable]
-    if json_out:
-        _emit_json({"decision": d.to_dict(),
-                    "offers": [{**p.to_dict(), "launchable_now": (p.offer.provider, p.offer.offer_id) in d.ready}
-                               for p in shown],
-                    "problems": problems})
-        return
-    table = Table(box=None, header_style="bold")
-    cols = ["PROVIDER", "GPU", "$/H", "EST H", "EST $", "RISK", "PRICE SOURCE"] + (["WHY NOT"] if show_all else [])
-    for col in cols:
-        table.add_column(col, justify="right" if col in ("$/H", "EST H", "EST $", "RISK") else "left",
-                         no_wrap=col != "WHY NOT", overflow="fold", min_width=30 if col == "WHY NOT" else None)
-    for p in shown:
-        o = p.offer
-        src = f"{o.price_source}" + (f" {o.price_date}" if o.price_date else "")
-        gpu = f"{o.gpu}x{o.gpu_count}" if o.gpu_count else o.gpu
-        row = [f"{o.provider}{' (spot)' if o.interruptible else ''}", gpu, f"{o.usd_per_hour:.3f}",
-               f"{p.est_hours:.2f}" if p.est_hours is not None else "-",
-               f"{p.est_usd:.2f}" if p.est_usd is not None else "-", f"{p.risk:.0%}", src]
-        if show_all:
-            row.append("" if p.viable else f"[red]{p.reason}[/]")
-        table.add_row(*row)
-    n_viable = sum(p.viable for p in d.placements)
-    console.print(table, crop=False)
-    console.print(f"{n_viable} viable of {len(d.placements)} offers; VRAM needed {est.vram_gb:.1f} GB, "
-                  f"{est.tokens:,} tokens")
-    from rich.markup import escape
-
-    console.print(f"[bold]daemon would {d.verdict.value}[/] ({d.code.value}): {escape(d.text)}")
-    for name, why in sorted(problems.items()):
-        err.print(f"[yellow]{name}[/]: {escape(why)}")
-
-
-def _decision(config: Config, spec: dict[str, Any], est, offers_list, built, problems, disabled):
-    """``decide`` with the inputs the daemon would use now: the store's caps and live attempts, the
-    providers' health as the daemon last saw it, and which providers can launch."""
-    from orchestrator.decide import JobView, Usage, decide
-    from orchestrator.spending import Caps
-
-    now = time.time()
-    down = {name: (why, None) for name, why in problems.items()}
-    disabled = dict(disabled)
-    live: list = []
-    caps: list = []
-    if config.db_path.is_file():
-        with _store(config) as store:
-            live = store.live_attempts()
-            records = {e.attempt_id: e.data for a in live for e in store.events(a.job_id)
-                       if e.kind == "attempt_created" and e.attempt_id == a.id}
-            cap = Caps(store, config.budget_monthly_usd,
-                       lambda a: float(records.get(a.id, {}).get("est_usd") or 0.0)).monthly(now, live)
-            caps = [cap] if cap is not None else []
-            for name, h in store.provider_health().items():
-                if h["state"] == "backoff" and (h["until"] or 0) > now:
-                    down.setdefault(name, (f"backing off: {h['reason']}", h["until"]))
-                elif h["state"] == "disabled" and (h["until"] or 0) > now:
-                    disabled.setdefault(name, h["reason"])
-    counts: dict[str, int] = {}
-    for a in live:
-        counts[a.provider] = counts.get(a.provider, 0) + 1
-    usage = Usage(live=counts, limits=dict(config.provider_limits), down=down, disabled=disabled,
-                  launchable=frozenset(n for n, p in built.items() if p.launchable),
-                  owned_tolerance=config.owned_tolerance)
-    return decide(JobView("(file)", spec), est, offers_list, caps, usage, now)
+from orchestrator import cli_offers  # noqa: E402, F401 - registers its commands here, in this order
 
 
 # ---------------------------------------------------------------- daemon / demo
