@@ -83,8 +83,15 @@ class Machine:
     state: str = "running"  # running | exited | lost | destroyed
     exit_code: int | None = None
     stuck: bool = False
+    reclaimed: bool = False  # taken back by the provider (billing stops then), not destroyed by us
     started: float = field(default_factory=time.time)
-    ended: float | None = None
+    ended: float | None = None  # the payload ended (or the machine was taken)
+    released: float | None = None  # destroyed by a cancel or release
+
+    def billed_s(self, now: float) -> float:
+        """The provider's own bill: from rental until it took the machine back or we destroyed it."""
+        end = self.ended if self.reclaimed else self.released
+        return max(0.0, (end if end is not None else now) - self.started)
 
 
 class FaultProvider(Provider):
@@ -216,10 +223,11 @@ class FaultProvider(Provider):
             self._exit(m, 76, save=True)
             return
         if self._roll("preempt_warned"):
+            m.reclaimed = True
             self._exit(m, 75, save=True)
             return
         if self._roll("preempt_silent"):
-            m.state, m.ended = "lost", time.time()
+            m.state, m.ended, m.reclaimed = "lost", time.time(), True
             return
         for _ in range(self.steps_per_poll):
             m.step += 1
@@ -272,7 +280,7 @@ class FaultProvider(Provider):
         if m is None or m.state != "running":
             return False
         if hard:
-            m.state, m.ended = "lost", time.time()
+            m.state, m.ended, m.reclaimed = "lost", time.time(), True
         else:
             self._exit(m, 75, save=True)
         return True
@@ -282,6 +290,7 @@ class FaultProvider(Provider):
             m = self.machines.get(handle.get("attempt_id", ""))
         if m is not None and m.state != "destroyed":
             m.ended = m.ended or time.time()
+            m.released = m.released or time.time()
             m.state = "destroyed"
 
     # ---- figures ----

@@ -200,6 +200,10 @@ def _no_ready_offer(judged: list[Placement], offers: list[Offer], usage: Usage,
     if not offers:
         text = "no provider offers capacity for this job now"
         off = [(n, why) for n, why in sorted(usage.disabled.items()) if not allowed or n in allowed]
+        relevant = set(allowed or usage.launchable or ())
+        if off and relevant and relevant <= {n for n, _ in off}:
+            return Decision(Verdict.REFUSE, Code.NO_OFFER, "no provider it may use is set up here: " + "; ".join(
+                f"{n} ({why})" for n, why in off), placements=placements)
         if off:
             text += "; disabled here: " + "; ".join(f"{n} ({why})" for n, why in off)
         if allowed and usage.launchable is not None and not set(allowed) & usage.launchable:

@@ -24,7 +24,14 @@ from enum import StrEnum
 
 from jobs import exits
 from orchestrator.states import AttemptState, EndReason
-from providers.base import LaunchFailed, NoCapacity, ProviderError, ProviderUnavailable, TransientError
+from providers.base import (
+    LaunchFailed,
+    NoCapacity,
+    ProviderError,
+    ProviderNotConfigured,
+    ProviderUnavailable,
+    TransientError,
+)
 
 
 class JobAction(StrEnum):
@@ -84,7 +91,8 @@ class ErrorAction(StrEnum):
 ERROR_ACTIONS: dict[type[ProviderError], tuple[ErrorAction, EndReason]] = {
     NoCapacity: (ErrorAction.NEXT_OFFER, EndReason.NO_CAPACITY),
     TransientError: (ErrorAction.BACKOFF_PROVIDER, EndReason.PROVIDER_ERROR),
-    ProviderUnavailable: (ErrorAction.DISABLE_PROVIDER, EndReason.PROVIDER_ERROR),
+    ProviderUnavailable: (ErrorAction.DISABLE_PROVIDER, EndReason.PROVIDER_ERROR),  # ...as an outage
+    ProviderNotConfigured: (ErrorAction.DISABLE_PROVIDER, EndReason.PROVIDER_ERROR),  # ...until configured
     LaunchFailed: (ErrorAction.COUNT_LAUNCH_FAILURE, EndReason.LAUNCH_FAILED),
 }
 

@@ -23,7 +23,7 @@ from orchestrator.calls import CallTimeout
 from orchestrator.decide import Code, Decision, JobView, Usage, Verdict, decide
 from orchestrator.states import JobState
 from orchestrator.store import InvalidTransition, JobRow
-from providers.base import LaunchRequest, ProviderUnavailable, TransientError
+from providers.base import LaunchRequest, ProviderNotConfigured, ProviderUnavailable, TransientError
 
 BATCH = 50  # queued jobs considered per tick
 RECHECK_S = 10.0  # how often a job waiting for capacity or budget is looked at again
@@ -145,7 +145,7 @@ class PlacingMixin:
 
     def _offers_failed(self, name: str, err: BaseException) -> None:
         if isinstance(err, ProviderUnavailable):
-            self.health.unavailable(name, str(err))
+            self.health.unavailable(name, str(err), outage=not isinstance(err, ProviderNotConfigured))
         elif isinstance(err, TransientError):
             self.health.transient(name, str(err), err.retry_after_s, kind="offers")
         elif isinstance(err, CallTimeout):

@@ -22,7 +22,7 @@ from orchestrator.calls import CallTimeout
 from orchestrator.outcomes import ErrorAction, classify_exit, error_action
 from orchestrator.states import AttemptState, EndReason, JobState
 from orchestrator.store import AttemptRow, InvalidTransition, JobRow
-from providers.base import RunState, RunStatus
+from providers.base import ProviderNotConfigured, RunState, RunStatus
 
 LEASE_REFRESH_S = 30.0  # the budget lease in the control object is rewritten at most this often
 CANCEL_TRIES = 3  # the budget horizon allows this many cancel calls (each up to call_timeout_s) to fail first
@@ -234,7 +234,7 @@ class WatchMixin:
         if action is ErrorAction.BACKOFF_PROVIDER:
             self.health.transient(att.provider, str(err), getattr(err, "retry_after_s", None), kind="launch")
         elif action is ErrorAction.DISABLE_PROVIDER:
-            self.health.unavailable(att.provider, str(err))
+            self.health.unavailable(att.provider, str(err), outage=not isinstance(err, ProviderNotConfigured))
         else:
             self.health.success(att.provider, kind="launch")  # it answered: a refusal of this offer, not an outage
         self.log.warning("launch failed", job_id=job.id, attempt_id=att.id, action=action.value, error=str(err))
@@ -329,8 +329,9 @@ class WatchMixin:
         if prov is not None and att.handle:  # best effort; the machine may be gone already
             self.calls.start(att.provider, ("cancel", att.id), prov.cancel, att.handle, grace_s=0.0,
                              timeout_s=self.config.call_timeout_s)
+        # billed to now: nobody could tell the machine was gone, and a provider bills until it is destroyed
         self._end(att, job, EndReason.LOST, f"state unknown for {now - att.unknown_since:.0f} s "
-                  f"(unknown_timeout_s): {why}", watched=False)
+                  f"(unknown_timeout_s): {why}", watched=True)
 
     def _final(self, att: AttemptRow, job: JobRow, progress: dict[str, Any] | None) -> dict[str, Any] | None:
         """The committed final adapter's facts, from the payload's last progress (written only after

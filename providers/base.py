@@ -144,7 +144,12 @@ class ProviderError(Exception):
 
 
 class ProviderUnavailable(ProviderError):
-    """Disabled or unreachable (missing credentials, SDK not installed): skip this provider."""
+    """Unreachable or refusing us now (could not connect): skip this provider for a while."""
+
+
+class ProviderNotConfigured(ProviderUnavailable):
+    """Not set up on this machine (no credentials, SDK or catalog; a refused key): nothing changes
+    until someone configures it, so no job waits for it."""
 
 
 class NoCapacity(ProviderError):

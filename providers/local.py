@@ -26,6 +26,7 @@ from providers.base import (
     Offer,
     PriceSource,
     Provider,
+    ProviderNotConfigured,
     ProviderUnavailable,
     RunState,
     RunStatus,
@@ -196,7 +197,7 @@ class LocalRayProvider(Provider):
         try:
             import ray
         except ImportError as exc:
-            raise ProviderUnavailable("Ray is not installed: pip install 'tunefleet[local]'") from exc
+            raise ProviderNotConfigured("Ray is not installed: pip install 'tunefleet[local]'") from exc
         if not ray.is_initialized():
             try:
                 if self.address:

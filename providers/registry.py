@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from infra.config import Config
-from providers.base import Offer, Provider, ProviderError, ProviderUnavailable
+from providers.base import Offer, Provider, ProviderError, ProviderNotConfigured
 
 PROVIDERS = ("local", "vast", "skypilot", "together", "siliconflow")
 OFFERS_TIMEOUT_S = 20.0
@@ -105,7 +105,7 @@ def build_providers(
 class OfferResult:
     offers: list[Offer]
     problems: dict[str, str]  # provider -> why it did not answer
-    unavailable: frozenset[str] = frozenset()  # of those, the ones that said ProviderUnavailable (configuration)
+    unavailable: frozenset[str] = frozenset()  # of those, the ones not configured here (ProviderNotConfigured)
 
 
 def gather_offers(
@@ -132,7 +132,7 @@ def gather_offers(
                 offers += fut.result()
             except ProviderError as exc:
                 problems[name] = str(exc)
-                if isinstance(exc, ProviderUnavailable):
+                if isinstance(exc, ProviderNotConfigured):
                     unavailable.add(name)
             except Exception as exc:  # a bug in one provider is a warning, not a crash
                 problems[name] = f"{type(exc).__name__}: {exc}"

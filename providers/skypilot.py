@@ -71,7 +71,7 @@ from providers.base import (
     PriceSource,
     Provider,
     ProviderError,
-    ProviderUnavailable,
+    ProviderNotConfigured,
     RunState,
     RunStatus,
     TransientError,
@@ -263,7 +263,7 @@ class SkyPilotProvider(Provider):
         Raises ProviderUnavailable when SkyPilot is missing or no cloud could be read (no catalog
         offline, or every read failed or timed out)."""
         if sky_version() is None:
-            raise ProviderUnavailable(INSTALL_HINT)
+            raise ProviderNotConfigured(INSTALL_HINT)
         resources = spec.get("resources") or {}
         if resources.get("device") == "cpu":
             return []
@@ -338,7 +338,7 @@ class SkyPilotProvider(Provider):
             log.warning("skypilot cloud skipped", cloud=cloud, reason=why)
         if not rows:
             detail = "; ".join(f"{c}: {why}" for c, why in sorted(skipped.items())) or "no cloud has a catalog"
-            raise ProviderUnavailable(f"no SkyPilot catalog could be read offline ({detail})")
+            raise ProviderNotConfigured(f"no SkyPilot catalog could be read offline ({detail})")
         return rows
 
     # ---- attempts: one SkyPilot cluster per attempt ----

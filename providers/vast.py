@@ -72,6 +72,7 @@ from providers.base import (
     PriceSource,
     Provider,
     ProviderError,
+    ProviderNotConfigured,
     ProviderUnavailable,
     RunState,
     RunStatus,
@@ -418,7 +419,7 @@ class VastProvider(Provider):
     def _key(self) -> str:
         key = _read_key(self._api_key_arg)
         if key is None:
-            raise ProviderUnavailable("no Vast.ai API key (set VAST_API_KEY or ~/.config/vastai/vast_api_key)")
+            raise ProviderNotConfigured("no Vast.ai API key (set VAST_API_KEY or ~/.config/vastai/vast_api_key)")
         return key
 
     def _call(self, method: str, path: str, *, json_body: Any = None,
@@ -696,7 +697,7 @@ class _Answer:
         if 200 <= self.status < 300:
             return
         if self.status in (401, 403):
-            raise ProviderUnavailable(f"Vast.ai rejected the API key (HTTP {self.status}) on {what}")
+            raise ProviderNotConfigured(f"Vast.ai rejected the API key (HTTP {self.status}) on {what}")
         if self.status == 429 or self.status >= 500:
             try:
                 wait = float(self.retry_after) if self.retry_after else 10.0

@@ -231,3 +231,33 @@ def test_sigterm_to_a_budget_stop_and_a_cancel_are_told_apart(world):
     assert att.exit_code == 76  # the payload saw the control object, saved and left
     assert 0 < store.spend_total(job) <= 0.5
     assert [e.kind for e in store.events(job)].count("budget_stop") == 1
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_daemon_in_order_whatever_ray_installed(tmp_path):
+    """Ray's ray.init replaces SIGTERM's handler with one that exits 15; the daemon installs its
+    own after its providers opened, so systemd's stop is an orderly exit 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.yaml").write_text("ray_num_cpus: 1\nray_num_gpus: 0\n")
+    env = {**os.environ, "TUNEFLEET_HOME": str(home), "HOME": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "daemon"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = home / "logs" / "daemon.log"
+    deadline = time.monotonic() + 180
+    try:
+        while not (log.is_file() and "daemon started" in log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert "daemon stopped" in out and "SIGTERM received" not in out
