@@ -78,6 +78,7 @@ class Machine:
     store: CheckpointStore
     steps: int
     save_steps: int
+    usd_per_hour: float = 0.0  # the rented offer's price
     step: int = 0
     committed: int = 0
     state: str = "running"  # running | exited | lost | destroyed
@@ -89,9 +90,13 @@ class Machine:
     released: float | None = None  # destroyed by a cancel or release
 
     def billed_s(self, now: float) -> float:
-        """The provider's own bill: from rental until it took the machine back or we destroyed it."""
+        """Seconds billed: from rental until the provider took the machine back or we destroyed it."""
         end = self.ended if self.reclaimed else self.released
         return max(0.0, (end if end is not None else now) - self.started)
+
+    def billed_usd(self, now: float) -> float:
+        """The provider's own bill for this machine."""
+        return self.billed_s(now) * self.usd_per_hour / 3600.0
 
 
 class FaultProvider(Provider):
@@ -156,7 +161,7 @@ class FaultProvider(Provider):
     def launch(self, request: LaunchRequest, offer: Offer) -> dict[str, Any]:
         if self._roll("launch_hang"):
             if self.rng.random() < 0.5:  # rented; the answer is lost
-                self._rent(request)
+                self._rent(request, offer)
             self._hang()
             raise TransientError(f"{self.name}: launch timed out on our side (injected)")
         if self._roll("launch_no_capacity"):
@@ -167,15 +172,15 @@ class FaultProvider(Provider):
             raise TransientError(f"{self.name}: HTTP 503 (injected)", retry_after_s=0.2)
         if self._roll("launch_failed"):
             raise LaunchFailed(f"{self.name}: image pull failed (injected)")
-        self._rent(request)
+        self._rent(request, offer)
         return {"attempt_id": request.attempt_id}
 
-    def _rent(self, request: LaunchRequest) -> None:
+    def _rent(self, request: LaunchRequest, offer: Offer) -> None:
         spec = request.spec
         steps = int(spec.get("max_steps") or 100)
         save = int((spec.get("checkpoint") or {}).get("interval") or spec.get("save_steps") or 20)
         store = self._store(request.store_uri)
-        m = Machine(request.attempt_id, request.job_id, store, steps, save)
+        m = Machine(request.attempt_id, request.job_id, store, steps, save, offer.usd_per_hour)
         try:  # resume from the newest committed checkpoint, as the payload would
             latest = store.latest_checkpoint(request.job_id)
             m.step = m.committed = latest.step if latest else 0
@@ -205,10 +210,11 @@ class FaultProvider(Provider):
             return RunStatus(RunState.UNKNOWN, detail="API error (injected)")
         if m.state == "running":
             self._advance(m)
-        if m.state == "exited":
-            return RunStatus(RunState.EXITED, exit_code=m.exit_code)
+        if m.state == "exited":  # a reclaimed machine stopped billing when it was taken
+            return RunStatus(RunState.EXITED, exit_code=m.exit_code, ended_at=m.ended if m.reclaimed else None)
         if m.state == "lost":
-            return RunStatus(RunState.LOST, detail="reclaimed without warning (injected)", cause="preempted")
+            return RunStatus(RunState.LOST, detail="reclaimed without warning (injected)", cause="preempted",
+                             ended_at=m.ended)
         return RunStatus(RunState.RUNNING, detail=f"step {m.step}")
 
     def _advance(self, m: Machine) -> None:

@@ -38,6 +38,8 @@ class Call:
     started: float  # monotonic
     deadline: float  # monotonic
     future: cf.Future
+    ran_at: float | None = None  # wall clock: when a worker started it (after any queueing)
+    finished_at: float | None = None  # wall clock: when it returned or raised
 
     @property
     def done(self) -> bool:
@@ -57,9 +59,11 @@ class Call:
 class Calls:
     """Keyed calls on per-lane thread pools, each with a deadline."""
 
-    def __init__(self, workers_per_lane: int = WORKERS_PER_LANE, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, workers_per_lane: int = WORKERS_PER_LANE, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time):
         self.workers = workers_per_lane
         self.clock = clock
+        self.wall = wall  # the caller's wall clock, for when calls ran and finished
         self._pools: dict[str, cf.ThreadPoolExecutor] = {}
         self._calls: dict[Hashable, Call] = {}
         self._lock = threading.Lock()
@@ -76,7 +80,18 @@ class Calls:
             if pool is None:
                 pool = self._pools[lane] = cf.ThreadPoolExecutor(self.workers, thread_name_prefix=f"tf-{lane}")
             now = self.clock()
-            call = Call(key, lane, now, now + timeout_s, pool.submit(fn, *args, **kwargs))
+            box: list[Call] = []
+
+            def timed() -> Any:
+                box[0].ran_at = self.wall()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    box[0].finished_at = self.wall()
+
+            call = Call(key, lane, now, now + timeout_s, cf.Future())
+            box.append(call)
+            call.future = pool.submit(timed)
             self._calls[key] = call
             return call
 
@@ -85,7 +100,12 @@ class Calls:
             return self._calls.get(key)
 
     def take(self, key: Hashable) -> tuple[bool, Any, BaseException | None]:
-        """(finished, result, error) for ``key``, forgetting it once finished or overdue.
+        """(finished, result, error) for ``key``, forgetting it once finished or overdue."""
+        done, result, error, _ = self.take_call(key)
+        return done, result, error
+
+    def take_call(self, key: Hashable) -> tuple[bool, Any, BaseException | None, Call | None]:
+        """``take``, plus the call itself (when it ran and finished, wall clock).
 
         Not started or still within its deadline: (False, None, None). Overdue: (True, None,
         CallTimeout). A later ``start`` of the same key runs the call again.
@@ -93,18 +113,18 @@ class Calls:
         with self._lock:
             call = self._calls.get(key)
             if call is None:
-                return False, None, None
+                return False, None, None, None
             if call.done:
                 del self._calls[key]
             elif call.overdue(self.clock()):
                 del self._calls[key]
                 self.timeouts += 1
                 waited = self.clock() - call.started
-                return True, None, CallTimeout(f"no answer within {waited:.1f} s")
+                return True, None, CallTimeout(f"no answer within {waited:.1f} s"), call
             else:
-                return False, None, None
+                return False, None, None, None
         result, error = call.outcome()
-        return True, result, error
+        return True, result, error, call
 
     def in_flight(self, lanes: Iterable[str] | None = None, kinds: Iterable[str] | None = None) -> int:
         """Calls not finished yet (optionally only in these lanes, or whose key starts with a kind)."""

@@ -104,7 +104,7 @@ class Daemon(WatchMixin, EndingMixin, PlacingMixin):
         self.providers = providers
         self.clock = clock
         self.log = get_logger(component="daemon")
-        self.calls = Calls()
+        self.calls = Calls(wall=lambda: self.clock())
         self.health = Health(store, disable_s=config.provider_disable_s, clock=clock, scale=config.time_scale)
         self.caps = Caps(store, config.budget_monthly_usd, self._committed)
         self.stop = threading.Event()
@@ -121,6 +121,7 @@ class Daemon(WatchMixin, EndingMixin, PlacingMixin):
         self._seen: dict[str, float] = {}  # attempt id -> sign of life this tick (flushed once)
         self._cancelling: dict[str, float] = {}  # attempt id -> when this daemon first tried to cancel it
         self._unopened: set[str] = set()  # providers whose open() failed: tried again later
+        self._offer_cache: dict[tuple[str, str], tuple[float, list]] = {}  # (provider, job shape) -> (until, offers)
         self._sweep_of: dict[str, str | None] = {}  # job id -> its sweep (never changes)
         self._ticks: deque[float] = deque(maxlen=60)  # measured intervals between tick starts (s)
         self._last_tick: float | None = None

@@ -36,12 +36,14 @@ class EndingMixin:
     """Part of ``orchestrator.daemon.Daemon``."""
 
     def _end(self, att: AttemptRow, job: JobRow, reason: EndReason, text: str, *, exit_code: int | None = None,
-             watched: bool = True, billed: bool = True, final: dict[str, Any] | None = None) -> None:
+             watched: bool = True, billed: bool = True, final: dict[str, Any] | None = None,
+             ended_at: float | None = None) -> None:
         """Record the attempt's end (state, code, spend) in one transaction, release its capacity,
         and move the job on. ``watched``: the daemon saw the end happen (billed to now); otherwise
-        it is billed to the attempt's last sign of life. ``billed=False``: nothing was ever rented
-        (a launch the provider refused). ``final``: the committed adapter's facts (uri, step, loss,
-        eval_loss) for a finished attempt."""
+        it is billed to the attempt's last sign of life. ``ended_at``: when the provider stopped
+        billing it, where known (a reclaim's time, a destroy's confirmation). ``billed=False``:
+        nothing was ever rented (a launch the provider refused). ``final``: the committed adapter's
+        facts (uri, step, loss, eval_loss) for a finished attempt."""
         now = self.clock()
         if att.stop_requested_at is not None and reason in (EndReason.PREEMPTED, EndReason.LOST):
             reason, text = EndReason.BUDGET_STOP, f"stopped as asked ({att.stop_reason}); {text}"
@@ -50,8 +52,10 @@ class EndingMixin:
             reason = EndReason.CANCELLED
         rule = END_RULES[reason]
         progress = self._progress.get(att.id) or {}
-        heartbeat = progress.get("updated_at") if isinstance(progress.get("updated_at"), (int, float)) else None
-        until = spending.billed_until(att, now, heartbeat, watched=watched, slack_s=self._tick_s())
+        beat = progress.get("updated_at") if isinstance(progress.get("updated_at"), (int, float)) else None
+        heartbeat = max(beat or 0.0, self._seen.get(att.id, 0.0)) or None  # incl. this tick's signs of life
+        until = spending.billed_until(att, now, heartbeat, watched=watched, slack_s=self._tick_s(),
+                                      provider_end=ended_at)
         cost = spending.spend(att, until) if att.usd_per_hour > 0 and billed else None
         checkpoint_step = progress.get("checkpoint_step") if progress else job.checkpoint_step
         end_step = int(progress.get("step") or checkpoint_step or att.start_step)
@@ -70,6 +74,7 @@ class EndingMixin:
             return  # another daemon (or this one, a moment ago) already ended it
         self._record_throughput(att, job, progress)
         self._release(att)
+        self._forget_offers(att.provider)
         self.log.info("attempt ended", job_id=job.id, attempt_id=att.id, code=reason.value, reason=text,
                       exit_code=exit_code, end_step=end_step, spend_usd=cost)
         self._job_after_end(att, reason, full, end_step, checkpoint_step, final)

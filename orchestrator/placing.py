@@ -14,6 +14,7 @@ next offer, and no attempt is charged.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -86,40 +87,65 @@ class PlacingMixin:
                 self.store.set_waiting(job.id, Code.ERROR, f"placing it failed: {type(exc).__name__}: {exc}",
                                        self.clock() + self.config.scaled(60.0))
 
-    def _ask_offers(self, job: JobRow, est: Any) -> list[Any]:
-        """Start the offers calls of the providers this job may use that are not backing off, and
-        the read of its newest checkpoint (the last key)."""
+    @staticmethod
+    def _shape(job: JobRow, est: Any) -> str:
+        """What a provider's answer depends on: jobs of one shape share one offers call."""
+        s = job.spec
+        return json.dumps([s.get("resources"), s.get("base_model"), s.get("adapter"),
+                           None if est is None else [round(est.vram_gb, 2), est.tokens]], sort_keys=True)
+
+    def _ask_offers(self, job: JobRow, est: Any) -> tuple[list[Any], list[str]]:
+        """Start the offers calls this job needs (one per provider it may use that is not backing
+        off, unless a fresh answer for its shape is cached) and the read of its newest checkpoint.
+        Returns (call keys, checkpoint read last; the providers asked or cached)."""
         allowed = (job.spec.get("policy") or {}).get("providers")
+        shape = self._shape(job, est)
+        now = self.clock()
         keys: list[Any] = []
+        names = []
         for name, prov in sorted(self.providers.items()):
             if (allowed and name not in allowed) or not self.health.usable(name) or name in self._unopened:
                 continue
-            key = ("offers", job.id, name)
+            names.append(name)
+            hit = self._offer_cache.get((name, shape))
+            if hit is not None and hit[0] > now:
+                continue
+            key = ("offers", name, shape)
             keys.append(key)
             self.calls.start(name, key, prov.offers, job.spec, est, timeout_s=OFFERS_TIMEOUT_S)
         keys.append(("latest", job.id))
         self.calls.start("store", keys[-1], self._ckpt_store(job).latest_checkpoint, job.id,
                          timeout_s=self.config.call_timeout_s)
-        return keys
+        return keys, names
+
+    def _forget_offers(self, provider: str) -> None:
+        """Its capacity changed (a launch, an end): its cached answers are stale."""
+        self._offer_cache = {k: v for k, v in self._offer_cache.items() if k[0] != provider}
 
     def _place_one(self, job: JobRow, live: list, counts: dict[str, int]) -> bool:
         """Decide for one job and act; True when it launched (or tried to) and may be tried again."""
         self._checked[job.id] = self.clock()
         est = self._estimate(job)
-        keys = self._ask_offers(job, est)
+        keys, names = self._ask_offers(job, est)
         self._wait(keys)
-        mono = self.calls.clock()
-        if any((c := self.calls.get(k)) is not None and not c.done and not c.overdue(mono) for k in keys):
-            return False  # still asking: decided when every answer is in (or late)
-        offers: list[Any] = []
-        for key in keys[:-1]:
-            name = key[2]
+        ttl = self.clock() + self.config.scaled(RECHECK_S)
+        for key in keys[:-1]:  # keep every answer that came, even if another is still awaited
+            name = key[1]
             done, result, err = self.calls.take(key)
-            if err is None and done:
-                offers += result
+            if done and err is None:
+                self._offer_cache[(name, key[2])] = (ttl, list(result))
                 self.health.success(name, kind="offers")
             elif err is not None:
                 self._offers_failed(name, err)
+        mono = self.calls.clock()
+        if any((c := self.calls.get(k)) is not None and not c.done and not c.overdue(mono) for k in keys):
+            return False  # still asking: decided when every answer is in (or late)
+        shape = self._shape(job, est)
+        offers: list[Any] = []
+        for name in names:
+            hit = self._offer_cache.get((name, shape))
+            if hit is not None:
+                offers += hit[1]
         done, latest, err = self.calls.take(keys[-1])
         if err is not None:
             raise err if isinstance(err, (StorageError, OSError, CallTimeout)) else StorageError(f"checkpoint store: {err}")
@@ -204,6 +230,7 @@ class PlacingMixin:
         self.calls.start(offer.provider, key, prov.launch, request, offer, timeout_s=self.config.call_timeout_s)
         counts[offer.provider] = counts.get(offer.provider, 0) + 1
         live.append(att)
+        self._forget_offers(offer.provider)
         self._wait([key])
         self._harvest_launch(self.store.get_attempt(att.id), job)
         return True

@@ -26,7 +26,7 @@ def job_summary(store, job, now: float | None = None) -> dict[str, Any]:
     live = next((a for a in attempts if a.live), None)
     cost = job.cost_usd
     if live is not None and live.usd_per_hour > 0:  # accrues from the launch, as providers bill
-        cost += live.usd_per_hour * max(0.0, now - live.created_at) / 3600
+        cost += live.usd_per_hour * max(0.0, now - live.billing_start) / 3600
     started = min((a.started_at for a in attempts if a.started_at), default=None)
     ended = max((a.ended_at or now for a in attempts), default=None) if job.terminal else now
     last = attempts[-1] if attempts else None

@@ -22,23 +22,27 @@ from orchestrator.store import AttemptRow, JobRow
 
 def accrued(att: AttemptRow, now: float) -> float:
     """What a live attempt has cost so far: its rate from launch to now."""
-    return att.usd_per_hour * max(0.0, now - att.created_at) / 3600.0
+    return att.usd_per_hour * max(0.0, now - att.billing_start) / 3600.0
 
 
 def last_sign_of_life(att: AttemptRow, heartbeat: float | None) -> float:
-    return max(att.created_at, att.last_seen_at or 0.0, heartbeat or 0.0)
+    return max(att.billing_start, att.last_seen_at or 0.0, heartbeat or 0.0)
 
 
-def billed_until(att: AttemptRow, now: float, heartbeat: float | None, *, watched: bool, slack_s: float) -> float:
-    """When an ending attempt stops costing money. ``watched``: the daemon saw the end happen (it
-    cancelled or stopped the attempt, or it polled it alive one tick ago)."""
+def billed_until(att: AttemptRow, now: float, heartbeat: float | None, *, watched: bool, slack_s: float,
+                 provider_end: float | None = None) -> float:
+    """When an ending attempt stops costing money. ``provider_end``: when the provider says it
+    stopped billing (a reclaim's time, a destroy's confirmation): that, exactly. ``watched``: the
+    daemon saw the end happen (it destroyed the machine just now, or the machine is still there)."""
+    if provider_end is not None:
+        return max(att.billing_start, min(now, provider_end))
     if watched:
         return now
     return min(now, last_sign_of_life(att, heartbeat) + slack_s)
 
 
 def spend(att: AttemptRow, until: float) -> float:
-    return att.usd_per_hour * max(0.0, until - att.created_at) / 3600.0
+    return att.usd_per_hour * max(0.0, until - att.billing_start) / 3600.0
 
 
 class Caps:
@@ -112,8 +116,9 @@ def stop_reason(job: JobRow, att: AttemptRow, now: float, horizon_s: float, live
 
 def run_until(job: JobRow, att: AttemptRow, now: float, horizon_s: float, live: list[AttemptRow],
               caps: Caps, sweep_of: Callable[[str], str | None]) -> float | None:
-    """The time at which this attempt, at today's rates, would bring a cap within one horizon of its
-    limit: the payload stops itself then even if the daemon is gone (its budget lease)."""
+    """The payload's budget lease: the time at which it stops itself even if the daemon is gone.
+    Half a horizon after the daemon itself would have told it to stop (so the daemon's own stop,
+    with its event, comes first while it runs), leaving the other half to save and exit."""
     if att.usd_per_hour <= 0:
         return None
     ends: list[float] = []
@@ -121,7 +126,7 @@ def run_until(job: JobRow, att: AttemptRow, now: float, horizon_s: float, live: 
     def until(cap: Cap, rate: float) -> None:
         if rate > 0:
             left = cap.limit_usd - cap.spent_usd - cap.running_usd
-            ends.append(now + left / rate * 3600.0 - horizon_s)
+            ends.append(now + left / rate * 3600.0 - horizon_s / 2)
 
     max_usd = (job.spec.get("policy") or {}).get("max_usd")
     if max_usd is not None:

@@ -22,7 +22,7 @@ from orchestrator.calls import CallTimeout
 from orchestrator.outcomes import ErrorAction, classify_exit, error_action
 from orchestrator.states import AttemptState, EndReason, JobState
 from orchestrator.store import AttemptRow, InvalidTransition, JobRow
-from providers.base import ProviderNotConfigured, RunState, RunStatus
+from providers.base import ProviderNotConfigured, RunState, RunStatus, TransientError
 
 LEASE_REFRESH_S = 30.0  # the budget lease in the control object is rewritten at most this often
 CANCEL_TRIES = 3  # the budget horizon allows this many cancel calls (each up to call_timeout_s) to fail first
@@ -175,8 +175,9 @@ class WatchMixin:
         provider supports it) off the loop; end the attempt once the provider confirmed, or once
         trying has taken longer than ``unknown_timeout_s`` (said in the end reason)."""
         now = self.clock()
-        since = att.stop_requested_at or self._cancelling.setdefault(att.id, now)
-        done, _, err = self.calls.take(("cancel", att.id))
+        first = self._cancelling.setdefault(att.id, now)  # (also: a LOST that follows is our own doing)
+        since = att.stop_requested_at or first
+        done, _, err, call = self.calls.take_call(("cancel", att.id))
         if not done:
             prov = self.providers.get(att.provider)
             if prov is None:
@@ -191,7 +192,8 @@ class WatchMixin:
             self.log.warning("cancel failed; trying again", attempt_id=att.id, error=str(err))
             return
         note = f" (the provider did not confirm the cancel: {err})" if err is not None else ""
-        self._end(att, job, reason, text + note, watched=True)
+        confirmed = call.finished_at if err is None and call is not None else None  # billing stopped then
+        self._end(att, job, reason, text + note, watched=True, ended_at=confirmed)
 
     def _drill(self, att: AttemptRow, job: JobRow) -> None:
         prov = self.providers.get(att.provider)
@@ -213,24 +215,30 @@ class WatchMixin:
     # ---- launches and handles ----
     def _harvest_launch(self, att: AttemptRow, job: JobRow) -> None:
         """Act on a launch call that answered (or passed its deadline)."""
-        done, handle, err = self.calls.take(("launch", att.id))
+        done, handle, err, call = self.calls.take_call(("launch", att.id))
         if not done:
             return
+        # the provider bills from when the launch call ran, not from when it waited for a worker
+        billed_from = call.ran_at if call is not None and call.ran_at is not None else att.created_at
         if err is None:
             self.health.success(att.provider, kind="launch")
             self.store.transition_attempt(
                 att.id, AttemptState.LAUNCHING, kind="launched",
                 message=f"launched on {att.provider} ({att.offer_id}), resuming from step {att.start_step}",
                 data={"handle": handle}, handle=handle, log_path=str(self.config.attempt_log(att.id)),
+                billed_from=billed_from,
             )
             self.log.info("attempt launched", job_id=job.id, attempt_id=att.id, provider=att.provider)
             return
-        if isinstance(err, CallTimeout):  # it may still come up: look for it by name before giving up
-            self.health.transient(att.provider, f"launch: {err}", kind="launch")
-            self.store.add_event(job.id, "launch_unanswered", f"the launch call gave {err}; looking for the "
-                                 "attempt by name", attempt_id=att.id)
-            return
         action, reason = error_action(err)
+        if isinstance(err, (CallTimeout, TransientError)):
+            # the machine may have been rented and the answer lost: look for it by name first
+            self.health.transient(att.provider, f"launch: {err}", getattr(err, "retry_after_s", None), kind="launch")
+            self.store.add_event(job.id, "launch_unanswered", f"the launch call gave {err}; looking for the "
+                                 "attempt by name", attempt_id=att.id,
+                                 data={"timeout": isinstance(err, CallTimeout), "error": str(err)[:300]})
+            self.store.update_attempt(att.id, billed_from=billed_from)
+            return
         if action is ErrorAction.BACKOFF_PROVIDER:
             self.health.transient(att.provider, str(err), getattr(err, "retry_after_s", None), kind="launch")
         elif action is ErrorAction.DISABLE_PROVIDER:
@@ -255,16 +263,17 @@ class WatchMixin:
         if err is not None:
             self._unknown(att, job, f"could not ask {att.provider} for the attempt: {err}")
             return None
-        if handle is None:
-            self._end(att, job, EndReason.TIMED_OUT if self._launch_was_asked(job, att) else EndReason.PROVIDER_ERROR,
+        if handle is None:  # never rented: a launch that timed out counts, a refused or lost one does not
+            self._end(att, job, EndReason.TIMED_OUT if self._launch_timed_out(job, att) else EndReason.PROVIDER_ERROR,
                       "the launch was never confirmed and the provider has no such attempt", watched=False, billed=False)
             return None
         self.store.add_event(job.id, "adopted", f"found on {att.provider} by name", attempt_id=att.id,
                              data={"handle": handle})
         return self.store.update_attempt(att.id, handle=handle)
 
-    def _launch_was_asked(self, job: JobRow, att: AttemptRow) -> bool:
-        return any(e.kind == "launch_unanswered" and e.attempt_id == att.id for e in self.store.events(job.id))
+    def _launch_timed_out(self, job: JobRow, att: AttemptRow) -> bool:
+        return any(e.kind == "launch_unanswered" and e.attempt_id == att.id and e.data.get("timeout")
+                   for e in self.store.events(job.id))
 
     # ---- status ----
     def _status_now(self, att: AttemptRow, progress: dict[str, Any] | None) -> RunStatus | None:
@@ -304,20 +313,29 @@ class WatchMixin:
             self._unknown(att, job, status.detail or "the provider could not tell")
             return
         if status.state is RunState.EXITED:
+            if status.detail != "reported by the payload" and status.ended_at is None:
+                self._seen[att.id] = now  # the provider sees the machine: it bills until we destroy it
             reason, text = classify_exit(status.exit_code)
             final = None
             if reason is EndReason.FINISHED:
                 final = self._final(att, job, progress)
                 if final is None:
                     return  # still reading the store (or it said no: then _final ended it)
-            self._end(att, job, reason, text, exit_code=status.exit_code, watched=False, final=final)
+            self._end(att, job, reason, text, exit_code=status.exit_code, watched=False, final=final,
+                      ended_at=status.ended_at)
             return
         cause = EndReason.PREEMPTED if status.cause == "preempted" else EndReason.LOST
-        self._end(att, job, cause, status.detail or "capacity lost", watched=False)
+        # gone because this daemon destroyed it (a cancel it started): it cost money until then
+        ours = att.id in self._cancelling or self.calls.get(("cancel", att.id)) is not None
+        ended = status.ended_at
+        if ours and ended is None:  # our destroy's confirmation, when it came back already
+            done, _, err, call = self.calls.take_call(("cancel", att.id))
+            ended = call.finished_at if done and err is None and call is not None else None
+        self._end(att, job, cause, status.detail or "capacity lost", watched=ours, ended_at=ended)
 
     def _unknown(self, att: AttemptRow, job: JobRow, why: str) -> None:
         """The provider cannot tell: note since when; past ``unknown_timeout_s`` the attempt is
-        lost (billed to its last sign of life) and its resource is cancelled if it can be."""
+        lost, once its machine is destroyed (billed until then, as the provider bills it)."""
         now = self.clock()
         if att.unknown_since is None:
             self.store.update_attempt(att.id, unknown_since=now)
@@ -325,13 +343,13 @@ class WatchMixin:
             return
         if now - att.unknown_since < self.config.unknown_timeout_s:
             return
-        prov = self.providers.get(att.provider)
-        if prov is not None and att.handle:  # best effort; the machine may be gone already
-            self.calls.start(att.provider, ("cancel", att.id), prov.cancel, att.handle, grace_s=0.0,
-                             timeout_s=self.config.call_timeout_s)
-        # billed to now: nobody could tell the machine was gone, and a provider bills until it is destroyed
-        self._end(att, job, EndReason.LOST, f"state unknown for {now - att.unknown_since:.0f} s "
-                  f"(unknown_timeout_s): {why}", watched=True)
+        text = f"state unknown for {now - att.unknown_since:.0f} s (unknown_timeout_s): {why}"
+        if self.providers.get(att.provider) is None or not att.handle or att.provider in self._unopened:
+            self._end(att, job, EndReason.LOST, text, watched=False)  # nothing to destroy from here
+            return
+        # destroy its machine (confirmed, or tried for unknown_timeout_s more), billed to then:
+        # nobody could tell it was gone, and a provider bills until it is destroyed
+        self._stop_then_end(att, job, EndReason.LOST, text, grace_s=0.0)
 
     def _final(self, att: AttemptRow, job: JobRow, progress: dict[str, Any] | None) -> dict[str, Any] | None:
         """The committed final adapter's facts, from the payload's last progress (written only after

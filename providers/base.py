@@ -107,6 +107,9 @@ class RunStatus:
     # notice), "lost" when it just vanished. The daemon maps it through one table
     # (orchestrator.outcomes); None lets the daemon decide.
     cause: str | None = None
+    # For LOST and EXITED: when the provider says the machine stopped costing money (epoch
+    # seconds), where it knows; the daemon bills to the later of this and the last sign of life.
+    ended_at: float | None = None
 
 
 @dataclass(frozen=True)

@@ -58,15 +58,22 @@ def test_transient_errors_back_the_provider_off_and_never_count_against_the_job(
     health = store.provider_health()["faulty"]
     assert health["state"] == "backoff" and health["until"] >= before + 0.2  # the provider's retry-after
     assert "HTTP 503" in health["reason"]
-    assert codes(store, job) == [EndReason.PROVIDER_ERROR]
+    # a 503 may hide a rental whose answer was lost: the attempt is looked for by name first
+    assert [e.kind for e in store.events(job)].count("launch_unanswered") == 1
+    for _ in range(50):
+        if not store.live_attempts():
+            break
+        d.tick()
+    assert codes(store, job) == [EndReason.PROVIDER_ERROR]  # not found: never rented, not counted
     assert store.get_job(job).state is JobState.QUEUED
     deadline = time.monotonic() + 30  # five in a row and the provider is disabled a while, and said so
     while time.monotonic() < deadline and store.provider_health()["faulty"]["state"] != "disabled":
         d.tick()
         time.sleep(0.02)
     assert store.provider_health()["faulty"]["state"] == "disabled"
-    assert all(c is EndReason.PROVIDER_ERROR for c in codes(store, job))
-    assert store.get_job(job).state is JobState.QUEUED
+    ended = [c for c in codes(store, job) if c is not None]  # (the newest may still be looked for by name)
+    assert len(ended) >= 4 and all(c is EndReason.PROVIDER_ERROR for c in ended)
+    assert store.get_job(job).state in (JobState.QUEUED, JobState.LAUNCHING)  # never failed for it
     prov.faults = Faults.none()
     d.run(until_idle=True, max_seconds=60)
     assert store.get_job(job).state is JobState.SUCCEEDED

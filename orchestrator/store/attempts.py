@@ -15,9 +15,9 @@ from orchestrator.store.rows import AttemptRow, InvalidTransition, as_attempt_st
 # Columns that transition_attempt may set besides the state (names interpolated into SQL: whitelist).
 ATTEMPT_FIELDS = frozenset(
     {"handle", "started_at", "ended_at", "exit_code", "end_reason", "end_code", "end_step", "log_path",
-     "last_seen_at", "unknown_since", "stop_reason", "stop_requested_at"}
+     "last_seen_at", "unknown_since", "stop_reason", "stop_requested_at", "billed_from"}
 )
-_BOOKKEEPING = frozenset({"handle", "last_seen_at", "unknown_since", "stop_reason", "stop_requested_at"})
+_BOOKKEEPING = frozenset({"handle", "last_seen_at", "unknown_since", "stop_reason", "stop_requested_at", "billed_from"})
 PREEMPT_MODES = ("soft", "hard")  # ordered: a request only ever escalates
 
 

@@ -85,6 +85,12 @@ class AttemptRow:
     unknown_since: float | None = None  # its provider could not tell its state since then
     stop_reason: str | None = None  # the daemon asked it to save and stop (e.g. "budget: ...")
     stop_requested_at: float | None = None
+    billed_from: float | None = None  # when the provider started billing it (its launch call ran); None: created_at
+
+    @property
+    def billing_start(self) -> float:
+        """From when this attempt costs money: its launch call, or (not known yet) its intent."""
+        return self.billed_from if self.billed_from is not None else self.created_at
 
     @property
     def live(self) -> bool:
@@ -155,6 +161,7 @@ def attempt_row(r: sqlite3.Row) -> AttemptRow:
         unknown_since=r["unknown_since"],
         stop_reason=r["stop_reason"],
         stop_requested_at=r["stop_requested_at"],
+        billed_from=r["billed_from"],
     )
 
 

@@ -142,7 +142,7 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX jobs_queue ON jobs (state, priority DESC, created_at, id);
     """,
-    # v5: why attempts ended (a code, not text), when each was last seen alive, how long it has
+    # v5: why attempts ended (a code, not text), when each started costing money and was last seen alive, how long it has
     # been unknown, a stop the daemon asked for; why a queued job waits and until when; the
     # daemon's view of each provider's health. Queued jobs with a cancel pending are cancelled.
     """
@@ -151,6 +151,7 @@ MIGRATIONS: list[str] = [
     ALTER TABLE attempts ADD COLUMN unknown_since REAL NULL;
     ALTER TABLE attempts ADD COLUMN stop_reason TEXT NULL;
     ALTER TABLE attempts ADD COLUMN stop_requested_at REAL NULL;
+    ALTER TABLE attempts ADD COLUMN billed_from REAL NULL;
     ALTER TABLE jobs ADD COLUMN wait_code TEXT NULL;
     ALTER TABLE jobs ADD COLUMN wait_until REAL NULL;
     CREATE TABLE provider_health (
