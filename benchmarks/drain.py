@@ -1,6 +1,6 @@
 """Draining 10,000 queued jobs through the real daemon (target: <= 60 s on this machine).
 
-    python -m benchmarks.drain [--jobs 10000] [--json] [--throughput] [--patched] [--profile] [--store-dir DIR]
+    python -m benchmarks.drain [--jobs 10000] [--json] [--throughput] [--profile] [--store-dir DIR]
 
 The jobs (``examples/qlora-tiny.yaml``) are submitted in bulk with ``Store.submit`` in this
 process (timed on its own), then a real ``Daemon`` with ``poll_interval_s`` 0 runs
@@ -26,10 +26,6 @@ provider's own time is reported either way.
 ``--throughput``: the provider also reports ``tokens_per_s`` in ``progress.json``, as the real
 payload does, so every success goes through ``Daemon._record_throughput`` and the next job's
 estimate reads the calibration table, which grows by one row per finished job.
-
-``--patched``: a what-if. Applies, in this process and on the temporary database only, the changes
-recommended for the hot spots (see ``apply_fixes``), to measure what they would gain. Nothing in
-orchestrator/, providers/, infra/ or jobs/ is edited.
 """
 
 from __future__ import annotations
@@ -135,139 +131,20 @@ def verify(db_path: Path, n: int) -> dict[str, Any]:
             "jobs_without_exactly_one_attempt": not_one, "jobs_without_adapter": no_adapter}
 
 
-def apply_fixes(daemon, store, ckpt, db_path: Path) -> list[str]:
-    """What-if: the recommended changes, monkeypatched into this process only (see the module doc).
-
-    1. ``Daemon._place`` / ``gather_offers``: one long-lived thread pool, and every offers call of
-       the tick's batch submitted to it at once (one wait per tick), instead of a new
-       ThreadPoolExecutor, a new thread and a blocking hand-off per queued job.
-    2. ``orchestrator.store`` schema: an index in ``next_queued``'s order, so the LIMIT 50 query
-       stops after 50 rows instead of sorting every queued job each tick.
-    3. ``infra.storage.LocalFolderStore._path``: ``os.path.normpath`` instead of ``Path.resolve()``
-       (one lstat per path component on every object access).
-    4. ``Store.calibration``: the last 20 rows per GPU through the (base_model, method, gpu) index,
-       instead of reading every throughput row ever recorded for the model.
-    5. ``jobs.estimate.dataset_stats``: memoized on (path, mtime, size, sequence_len, packing), so
-       10,000 jobs on the same dataset read it once, not 10,000 times.
-    """
-    import concurrent.futures as cf
-    import functools
-
-    import jobs.estimate as emod
-    import orchestrator.daemon as dmod
-    from providers.base import ProviderError
-    from providers.registry import OFFERS_TIMEOUT_S, OfferResult
-
-    pool = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="offers")
-    prefetched: dict[int, Any] = {}  # id(job.spec) -> the batch's futures for that job
-
-    def collect(futures, timeout_s):
-        offers, problems = [], {}
-        done, pending = cf.wait(futures, timeout=timeout_s)
-        for fut in done:
-            try:
-                offers += fut.result()
-            except ProviderError as exc:
-                problems[futures[fut]] = str(exc)
-            except Exception as exc:
-                problems[futures[fut]] = f"{type(exc).__name__}: {exc}"
-        for fut in pending:
-            fut.cancel()
-            problems[futures[fut]] = f"no answer within {timeout_s:.0f} s"
-        return OfferResult(offers, problems)
-
-    real_next_queued = store.next_queued
-
-    def next_queued(now, limit):
-        # the whole tick's batch: every (job, provider) offers call goes to the pool at once, so
-        # the daemon waits for the pool once per tick, not once per job
-        jobs = real_next_queued(now, limit)
-        prefetched.clear()
-        for job in jobs:
-            allowed = (job.spec.get("policy") or {}).get("providers")
-            providers = {n: p for n, p in daemon.providers.items() if not allowed or n in allowed}
-            est = daemon._estimate(job)
-            prefetched[id(job.spec)] = {pool.submit(p.offers, job.spec, est): n for n, p in providers.items()}
-        return jobs
-
-    store.next_queued = next_queued
-
-    def gather_offers(providers, spec, estimate, *, timeout_s=OFFERS_TIMEOUT_S):
-        futures = prefetched.pop(id(spec), None)
-        if futures is None or set(futures.values()) != set(providers):
-            futures = {pool.submit(p.offers, spec, estimate): name for name, p in providers.items()}
-        return collect(futures, timeout_s) if futures else OfferResult([], {})
-
-    dmod.gather_offers = gather_offers
-
-    con = sqlite3.connect(str(db_path))
-    con.execute("CREATE INDEX IF NOT EXISTS jobs_queue_order ON jobs (state, priority DESC, created_at, id)")
-    con.close()
-
-    root = str(ckpt.root)
-
-    def _path(key: str) -> Path:
-        path = os.path.normpath(os.path.join(root, key))
-        if path != root and not path.startswith(root + os.sep):
-            from infra.storage import StorageError
-
-            raise StorageError(f"key {key!r} escapes the store root {root}")
-        return Path(path)
-
-    ckpt._path = _path
-
-    def calibration(base_model: str, method: str, last: int = 20) -> dict[str, float]:
-        out: dict[str, float] = {}
-        with store._read() as c:
-            gpus, row = [], c.execute("SELECT MIN(gpu) FROM throughput WHERE base_model = ? AND method = ?",
-                                      (base_model, method)).fetchone()
-            while row[0] is not None:  # skip-scan the index: one seek per GPU model
-                gpus.append(row[0])
-                row = c.execute("SELECT MIN(gpu) FROM throughput WHERE base_model = ? AND method = ? AND gpu > ?",
-                                (base_model, method, row[0])).fetchone()
-            for gpu in gpus:
-                values = sorted(tps / max(1, n) for n, tps in c.execute(
-                    "SELECT gpu_count, tokens_per_s FROM throughput WHERE base_model = ? AND method = ? AND gpu = ?"
-                    " ORDER BY id DESC LIMIT ?", (base_model, method, gpu, last)))
-                mid = len(values) // 2
-                out[gpu] = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-        return out
-
-    store.calibration = calibration
-
-    real_stats = emod.dataset_stats
-
-    @functools.lru_cache(maxsize=256)
-    def _stats(key, sequence_len, sample_packing):
-        return real_stats([{"path": p} for p, _, _ in key], sequence_len, sample_packing)
-
-    def dataset_stats(datasets, sequence_len, sample_packing):
-        key = []
-        for ds in datasets:
-            try:
-                st = os.stat(ds["path"])
-                key.append((ds["path"], st.st_mtime_ns, st.st_size))
-            except OSError:
-                key.append((ds["path"], None, None))
-        return _stats(tuple(key), sequence_len, sample_packing)
-
-    emod.dataset_stats = dataset_stats
-    return ["offers: shared pool, whole batch per tick", "index jobs(state, priority DESC, created_at, id)",
-            "LocalFolderStore._path: normpath", "Store.calibration: per-GPU LIMIT via index",
-            "dataset_stats: memoized"]
-
-
 def instrument(daemon, store, ckpt, provider) -> Timers:
-    """Wrap what the daemon calls (instance attributes or this module's imported names only)."""
-    import orchestrator.daemon as dmod
+    """Wrap what the daemon calls (instance attributes or the names its modules imported)."""
+    import orchestrator.decide as decide_mod
+    import orchestrator.placing as placing_mod
 
     t = Timers()
     for attr in ("live_attempts", "next_queued", "list_jobs", "get_job", "calibration", "create_attempt",
                  "transition_attempt", "transition_job", "update_progress", "events", "attempts_for",
-                 "record_throughput", "add_event", "spend_since"):
+                 "record_throughput", "add_event", "spend_since", "set_waiting", "mark_seen", "update_attempt",
+                 "get_attempt", "set_provider_health"):
         t.wrap(store, attr, f"store.{attr}")
-    for attr in ("estimate", "gather_offers", "rank"):
-        t.wrap(dmod, attr, attr)
+    t.wrap(placing_mod, "estimate", "estimate")
+    t.wrap(placing_mod, "decide", "decide")
+    t.wrap(decide_mod, "rank", "rank (inside decide)")
     for attr in ("latest_checkpoint", "final", "read_json"):
         t.wrap(ckpt, attr, f"checkpoints.{attr}")
     t.wrap(provider, "launch", "provider.launch")
@@ -276,22 +153,20 @@ def instrument(daemon, store, ckpt, provider) -> Timers:
     return t
 
 
-def run(n: int, *, store_dir: str | None, throughput: bool, profile: bool, keep: bool,
-        patched: bool = False) -> dict[str, Any]:
-    import jobs.estimate as emod
-    import orchestrator.daemon as dmod
+def run(n: int, *, store_dir: str | None, throughput: bool, profile: bool, keep: bool) -> dict[str, Any]:
+    import orchestrator.decide as decide_mod
+    import orchestrator.placing as placing_mod
 
-    saved = {(dmod, a): getattr(dmod, a) for a in ("estimate", "gather_offers", "rank")}
-    saved[(emod, "dataset_stats")] = emod.dataset_stats
+    saved = {(placing_mod, "estimate"): placing_mod.estimate, (placing_mod, "decide"): placing_mod.decide,
+             (decide_mod, "rank"): decide_mod.rank}
     try:
-        return _run(n, store_dir=store_dir, throughput=throughput, profile=profile, keep=keep, patched=patched)
+        return _run(n, store_dir=store_dir, throughput=throughput, profile=profile, keep=keep)
     finally:
         for (mod, attr), value in saved.items():
             setattr(mod, attr, value)
 
 
-def _run(n: int, *, store_dir: str | None, throughput: bool, profile: bool, keep: bool,
-         patched: bool) -> dict[str, Any]:
+def _run(n: int, *, store_dir: str | None, throughput: bool, profile: bool, keep: bool) -> dict[str, Any]:
     from infra.config import Config
     from infra.logging import configure_logging
     from infra.storage import open_store
@@ -322,7 +197,6 @@ def _run(n: int, *, store_dir: str | None, throughput: bool, profile: bool, keep
         daemon = Daemon(store, config, {"instant": provider})
         ckpt = open_store(config.default_store)
         daemon._stores[config.default_store] = ckpt  # the daemon's own cache, so its calls are timed
-        fixes = apply_fixes(daemon, store, ckpt, config.db_path) if patched else []
         timers = instrument(daemon, store, ckpt, provider)
         prof = cProfile.Profile() if profile else None
         load0 = os.getloadavg()
@@ -343,14 +217,10 @@ def _run(n: int, *, store_dir: str | None, throughput: bool, profile: bool, keep
             if "provider" in locals():
                 shutil.rmtree(provider._adapter, ignore_errors=True)
 
-    # in the what-if run the batch's estimates (and their calibration reads) happen inside the
-    # patched next_queued: listed, but not counted twice
-    nested = {"estimate", "store.calibration"} if patched else set()
+    nested = {"rank (inside decide)", "store.calibration"}  # counted in decide / estimate already
     accounted = {k: v for k, v in timers.seconds.items() if k != "tick"}
     breakdown = {
-        (f"{k} (inside next_queued)" if k in nested else
-         "store.next_queued (+ batch estimates, offer prefetch)" if patched and k == "store.next_queued" else k):
-        {"calls": timers.calls[k], "s": round(v, 3), "ms_per_job": round(1000 * v / n, 4),
+        k: {"calls": timers.calls[k], "s": round(v, 3), "ms_per_job": round(1000 * v / n, 4),
          "share": round(v / drain_s, 4)}
         for k, v in sorted(accounted.items(), key=lambda kv: -kv[1])
     }
@@ -375,7 +245,6 @@ def _run(n: int, *, store_dir: str | None, throughput: bool, profile: bool, keep
         "target_s": TARGET_S * n / 10_000,
         "target_met": drain_s <= TARGET_S * n / 10_000,
         "throughput_reports": throughput,
-        "what_if_fixes": fixes,
         "checkpoint_store": config.default_store,
         "load_avg_before_after": [round(load0[0], 2), round(load1[0], 2)],
         "cpus": os.cpu_count(),
@@ -397,20 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--throughput", action="store_true",
                     help="the provider reports tokens_per_s like the real payload (calibration path)")
-    ap.add_argument("--patched", action="store_true",
-                    help="what-if: monkeypatch the recommended fixes into this process (nothing is edited)")
     ap.add_argument("--profile", action="store_true", help="also run the daemon under cProfile")
     ap.add_argument("--store-dir", default=None, help="parent folder of the checkpoint store (default /dev/shm)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary home")
     ns = ap.parse_args(argv)
-    r = run(ns.jobs, store_dir=ns.store_dir, throughput=ns.throughput, profile=ns.profile, keep=ns.keep,
-            patched=ns.patched)
+    r = run(ns.jobs, store_dir=ns.store_dir, throughput=ns.throughput, profile=ns.profile, keep=ns.keep)
     if ns.json:
         print(json.dumps(r))
         return 0 if r["verified"]["ok"] else 1
     n = r["jobs"]
-    if r["what_if_fixes"]:
-        print("WHAT-IF run, patched in this process only: " + "; ".join(r["what_if_fixes"]))
     if r["throughput_reports"]:
         print("the provider reports tokens_per_s like the payload (calibration path on)")
     print(f"submitted {n} jobs in {r['submit_s']:.2f} s "

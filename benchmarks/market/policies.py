@@ -22,7 +22,7 @@ import copy
 
 from providers.base import Offer
 
-from .sim import JobRun, Policy
+from .sim import Policy
 
 
 class Tunefleet(Policy):
