@@ -96,7 +96,7 @@ def run(jobs: int, rate: float, seed: int, max_seconds: float = 2400.0) -> dict[
         for p in provs.values():
             injected.update(p.injected)
         result = {
-            "jobs": jobs, "fault_rate": rate, "wall_s": round(wall, 1), "ticks": len(daemon._ticks),
+            "jobs": jobs, "fault_rate": rate, "wall_s": round(wall, 1), "ticks": daemon.ticks_run,
             "states": dict(sorted(states.items())), "failed_by_code": dict(sorted(refusals.items())),
             "attempts_per_job_mean": round(sum(attempts) / len(attempts), 2), "attempts_per_job_max": max(attempts),
             "slow_ticks": daemon.slow_ticks, "calls_past_deadline": daemon.calls.timeouts,

@@ -303,8 +303,9 @@ class DatasetSpec(BaseModel):
 class Resources(BaseModel):
     """What the job needs to run. ``gpus: 0`` means CPU only.
 
-    ``device: auto`` lets a job that asks for GPUs still run on CPU when none exists, which is
-    what the demo and the tests rely on; ``device: cuda`` refuses to.
+    ``device: auto`` uses the GPU an attempt lands on, or the CPU when it has none; the scheduler
+    places a job that asks for GPUs on a CPU only when it says ``device: cpu``. The payload with
+    ``device: cuda`` refuses to run without a GPU.
     """
 
     model_config = _frozen_config()

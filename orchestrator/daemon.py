@@ -41,7 +41,7 @@ from orchestrator.calls import Calls
 from orchestrator.decide import Code
 from orchestrator.ending import EndingMixin
 from orchestrator.health import Health
-from orchestrator.placing import PlacingMixin
+from orchestrator.placing import SETTLE_S, PlacingMixin
 from orchestrator.spending import Caps
 from orchestrator.states import JobState
 from orchestrator.store import AttemptRow, JobRow, Store
@@ -50,7 +50,6 @@ from orchestrator.watch import WatchMixin
 from providers.base import Provider
 from providers.registry import build_providers
 
-SETTLE_S = 3.0  # after an attempt ends, providers' views of free capacity may lag this long
 IDLE_HORIZON_S = 300.0  # --until-idle waits for a job that will be looked at again within this long
 TICK_WAIT_S = 1.0  # the most one tick waits for provider and store answers, in all
 
@@ -127,6 +126,7 @@ class Daemon(WatchMixin, EndingMixin, PlacingMixin):
         self._last_tick: float | None = None
         self._tick_wait_left = TICK_WAIT_S
         self.slow_ticks = 0  # ticks that took longer than TICK_WAIT_S of work (figures for benchmarks)
+        self.ticks_run = 0
 
     # ---- helpers shared by the parts ----
     def _ckpt_store(self, job: JobRow) -> CheckpointStore:
@@ -246,6 +246,7 @@ class Daemon(WatchMixin, EndingMixin, PlacingMixin):
 
     def tick(self) -> None:
         t0 = time.monotonic()
+        self.ticks_run += 1
         if self._last_tick is not None:
             self._ticks.append(t0 - self._last_tick)
         self._last_tick = t0

@@ -96,7 +96,8 @@ class EndingMixin:
     def _job_after_end(self, att: AttemptRow, reason: EndReason, text: str, end_step: int,
                        checkpoint_step: int | None, final: dict[str, Any] | None = None) -> None:
         """The job's half of an attempt's end, by ``END_RULES``."""
-        self._freed, self._freed_at = True, self.clock()
+        if att.handle:  # it held capacity: waiting jobs may fit now
+            self._freed, self._freed_at = True, self.clock()
         job = self.store.get_job(att.job_id)
         if job.terminal:
             return

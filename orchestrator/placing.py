@@ -30,6 +30,7 @@ BATCH = 50  # queued jobs considered per tick
 RECHECK_S = 10.0  # how often a job waiting for capacity or budget is looked at again
 OFFERS_TIMEOUT_S = 20.0  # a provider that has not answered with offers by then is backed off
 TRIES_PER_PASS = 3  # a job whose launch said "no capacity" is placed again at once, this often per pass
+SETTLE_S = 3.0  # after an attempt ends, providers' views of free capacity may lag this long
 
 _S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
            "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
@@ -63,7 +64,7 @@ class PlacingMixin:
             self._checked.clear()
             self._freed = False
         batch = self.store.next_queued(now, limit=BATCH + len(self._checked))
-        settling = now - self._freed_at < self.config.scaled(3.0)  # right after an attempt ended, look every tick
+        settling = now - self._freed_at < self.config.scaled(SETTLE_S)  # right after an attempt ended, look every tick
         fresh = [j for j in batch if j.wait_code is None][:BATCH]
         due = [j for j in batch if j.wait_code is not None
                and (settling or (j.wait_until is not None and now >= j.wait_until)

@@ -20,13 +20,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -34,6 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.ray_head import ray_head
 from tests.test_cli import EXAMPLE, tf
 
 pytestmark = pytest.mark.slow
@@ -92,29 +90,12 @@ main()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def ray_cluster():
-    """A CPU-only ``ray start --head`` on 127.0.0.1; ``ray stop --force`` afterwards, always: the
-    killed daemons leave their attempt actors (and payloads) running on it."""
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    temp = tempfile.mkdtemp(prefix="tfchaos", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port = _free_port()
-    try:
-        subprocess.run(
-            [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-             "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
-            check=True, env=env, timeout=180, capture_output=True,
-        )
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, timeout=180, capture_output=True)
-        shutil.rmtree(temp, ignore_errors=True)
+    """A CPU-only ``ray start --head`` on 127.0.0.1, stopped afterwards, always (only what this test
+    started): the killed daemons leave their attempt actors (and payloads) running on it."""
+    with ray_head(num_cpus=2, num_gpus=0, prefix="tfchaos") as address:
+        yield address
 
 
 class _Watch:

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.ray_head import ray_head as start_ray_head
 import yaml
 
 from tests.test_cli import EXAMPLE, tf
@@ -23,26 +23,10 @@ pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def ray_head():
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    temp = tempfile.mkdtemp(prefix="tfray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port = _free_port()
-    subprocess.run(
-        [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2", "--num-gpus=1",
-         "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
-        check=True, env=env, timeout=180, capture_output=True,
-    )
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, timeout=180, capture_output=True)
+    with start_ray_head(num_cpus=2, num_gpus=1) as address:
+        yield address
 
 
 def test_daemon_joins_existing_cluster_and_reserves_its_gpu(tmp_path, ray_head, model_cache):
