@@ -6,7 +6,8 @@
 It offers one owned, on-premises machine at price 0 (so every policy, local checkpoint store and
 budget accepts it). ``launch`` does what a payload does at the end of a successful run, through the
 same checkpoint-store API: it commits a tiny final adapter (``commit_final``, meta ``step``) and
-writes ``progress.json`` with the attempt id, the step and ``exit_code`` 0 (``jobs.train._report_exit``).
+writes ``progress.json`` with the attempt id, the step, the adapter's URI and ``exit_code`` 0
+(``jobs.train``'s last progress and ``_report_exit``).
 ``poll`` then says EXITED 0, so the daemon's success check (final adapter committed) passes.
 
 ``tokens_per_s``: also report a throughput figure in ``progress.json``, as the real payload does on
@@ -64,10 +65,10 @@ class InstantProvider(Provider):
         t0 = time.perf_counter()
         steps = int(request.spec.get("max_steps") or 1)
         store = self._store(request.store_uri)
-        store.commit_final(request.job_id, self._adapter, meta={"step": steps})
-        doc: dict[str, Any] = {
+        ref = store.commit_final(request.job_id, self._adapter, meta={"step": steps})
+        doc: dict[str, Any] = {  # what jobs.train writes last: the adapter's URI, then its exit code
             "attempt_id": request.attempt_id, "state": "succeeded", "step": steps, "total_steps": steps,
-            "exit_code": 0, "updated_at": time.time(),
+            "adapter_uri": ref.uri, "exit_code": 0, "updated_at": time.time(),
         }
         if self.tokens_per_s:
             doc["tokens_per_s"] = float(self.tokens_per_s)
