@@ -25,10 +25,10 @@ from orchestrator.decide import Code, Decision, JobView, Usage, Verdict, decide
 from orchestrator.states import JobState
 from orchestrator.store import InvalidTransition, JobRow
 from providers.base import LaunchRequest, ProviderNotConfigured, ProviderUnavailable, TransientError
+from providers.registry import OFFERS_TIMEOUT_S  # a provider that has not answered with offers by then is backed off
 
 BATCH = 50  # queued jobs considered per tick
 RECHECK_S = 10.0  # how often a job waiting for capacity or budget is looked at again
-OFFERS_TIMEOUT_S = 20.0  # a provider that has not answered with offers by then is backed off
 TRIES_PER_PASS = 3  # a job whose launch said "no capacity" is placed again at once, this often per pass
 SETTLE_S = 3.0  # after an attempt ends, providers' views of free capacity may lag this long
 

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from orchestrator.budget import Cap, month_start, next_month_start
 from orchestrator.store import AttemptRow, JobRow
@@ -138,7 +137,3 @@ def run_until(job: JobRow, att: AttemptRow, now: float, horizon_s: float, live: 
     if monthly is not None:
         until(monthly, sum(a.usd_per_hour for a in live))
     return min(ends) if ends else None
-
-
-def launch_record_cost(data: dict[str, Any]) -> float:
-    return float(data.get("est_usd") or 0.0)

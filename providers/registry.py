@@ -110,19 +110,15 @@ class OfferResult:
 
 def gather_offers(
     providers: dict[str, Provider], spec: dict[str, Any], estimate: Any, *, timeout_s: float = OFFERS_TIMEOUT_S,
-    pool: cf.ThreadPoolExecutor | None = None,
 ) -> OfferResult:
     """Ask every provider at once; a provider that raises or overruns the deadline is reported.
-
-    A long-lived caller (the daemon) passes its own ``pool``; otherwise one is made for this call.
-    """
+    For one-shot callers (``tunefleet offers``); the daemon asks through its own call lanes."""
     offers: list[Offer] = []
     problems: dict[str, str] = {}
     unavailable: set[str] = set()
     if not providers:
         return OfferResult(offers, problems, frozenset(unavailable))
-    own = pool is None
-    pool = pool or cf.ThreadPoolExecutor(max_workers=len(providers), thread_name_prefix="offers")
+    pool = cf.ThreadPoolExecutor(max_workers=len(providers), thread_name_prefix="offers")
     try:
         futures = {pool.submit(p.offers, spec, estimate): name for name, p in providers.items()}
         done, pending = cf.wait(futures, timeout=timeout_s)
@@ -139,6 +135,5 @@ def gather_offers(
         for fut in pending:
             problems[futures[fut]] = f"no answer within {timeout_s:.0f} s"
     finally:
-        if own:
-            pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)
     return OfferResult(offers, problems, frozenset(unavailable))

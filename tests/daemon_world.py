@@ -6,7 +6,9 @@ seconds; the daemon, the store, the checkpoint store and the decisions are the r
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,16 @@ from orchestrator.store import Store
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "qlora-tiny.yaml"
 
 
-def quiet_logs() -> None:
+@contextlib.contextmanager
+def quiet_logs() -> Iterator[None]:
+    """The daemon's log lines off while a test drives it hard; the global config restored after
+    (other tests capture structlog's warnings)."""
+    saved = structlog.get_config()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
 
 
 def config(home: Path, store_uri: str | None = None, **changes: Any) -> Config:

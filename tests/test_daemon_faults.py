@@ -15,7 +15,12 @@ from tests import daemon_world as w
 from tests.faulty_proxy import Rule
 from tests.s3_fixtures import aws_env, moto_server, new_bucket, s3_proxy  # noqa: F401 - fixtures
 
-w.quiet_logs()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_daemon_logs():
+    with w.quiet_logs():
+        yield
 
 
 @pytest.fixture

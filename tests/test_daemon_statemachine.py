@@ -37,7 +37,12 @@ from tests.faulty_proxy import FaultyProxy, Rule
 from tests.s3_fixtures import aws_env, new_bucket, shared_moto_endpoint
 
 pytestmark = pytest.mark.slow
-w.quiet_logs()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_daemon_logs():
+    with w.quiet_logs():
+        yield
 
 RATE = 0.06  # each fault class, per call
 MONTHLY = 3.0

@@ -22,7 +22,7 @@ from tests.test_cli import EXAMPLE, tf
 
 pytestmark = pytest.mark.slow
 
-MAX_STEPS = 150
+MAX_STEPS = 300  # long enough that a preempt requested at step 50 lands before the end on a busy machine
 SAVE_STEPS = 25
 
 
