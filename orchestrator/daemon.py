@@ -121,6 +121,7 @@ class Daemon(WatchMixin, EndingMixin, PlacingMixin):
         self._cancelling: dict[str, float] = {}  # attempt id -> when this daemon first tried to cancel it
         self._unopened: set[str] = set()  # providers whose open() failed: tried again later
         self._offer_cache: dict[tuple[str, str], tuple[float, list]] = {}  # (provider, job shape) -> (until, offers)
+        self._store_tries: dict[str, int] = {}  # job id -> its store's unanswered reads in a row
         self._sweep_of: dict[str, str | None] = {}  # job id -> its sweep (never changes)
         self._ticks: deque[float] = deque(maxlen=60)  # measured intervals between tick starts (s)
         self._last_tick: float | None = None

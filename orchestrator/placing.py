@@ -156,6 +156,7 @@ class PlacingMixin:
                       launchable=frozenset(self.providers), avoid=self._avoid, blocked=self._blocked,
                       sweep_full=bool(job.sweep_id) and self._sweep_full(job.sweep_id, live),
                       owned_tolerance=self.config.owned_tolerance)
+        self._store_tries.pop(job.id, None)  # its store answered
         done_steps = latest.step if latest else 0
         caps = self.caps.for_launch(job, now, live, self._sweep)
         d = decide(JobView(job.id, job.spec, job.cost_usd, done_steps), est, offers, caps, usage, now)
@@ -189,11 +190,10 @@ class PlacingMixin:
         """The job's checkpoint store failed: its problem alone. Transient: back the job off.
         Permanent (no such bucket, access denied): fail it with the reason, which says the fix."""
         if getattr(exc, "transient", False) or isinstance(exc, CallTimeout):
-            tries = sum(1 for e in self.store.events(job.id)[-20:] if e.kind == "waiting"
-                        and e.data.get("code") == Code.STORE_UNAVAILABLE)
-            wait = self.config.scaled(min(600.0, 15.0 * 2 ** tries))
+            tries = self._store_tries[job.id] = self._store_tries.get(job.id, 0) + 1
+            wait = self.config.scaled(min(600.0, 15.0 * 2 ** (tries - 1)))
             self.store.set_waiting(job.id, Code.STORE_UNAVAILABLE, f"checkpoint store unavailable: {exc}",
-                                   self.clock() + wait, data={"retry_in_s": wait, "attempt": tries + 1})
+                                   self.clock() + wait, data={"retry_in_s": wait, "attempt": tries})
             self.log.warning("job's store unavailable", job_id=job.id, error=str(exc))
             return
         try:
