@@ -87,9 +87,6 @@ class EndingMixin:
             self.calls.start(att.provider, ("release", att.id), prov.release, att.handle,
                              timeout_s=self.config.call_timeout_s)
 
-    def _count(self, job_id: str, counter: Counter) -> int:
-        return sum(1 for a in self.store.attempts_for(job_id) if a.end_code in _COUNTED[counter])
-
     def _bound(self, counter: Counter) -> int:
         return int(getattr(self.config, counter.value))
 

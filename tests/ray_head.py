@@ -1,6 +1,6 @@
 """A real ``ray start --head`` on 127.0.0.1 for a test, stopped by what the test started.
 
-``ray stop --force`` would stop every Ray on the machine, a user's own cluster included. Here the
+Ray's own forced stop would end every Ray on the machine, a user's own cluster included. Here the
 head is started in a process group of its own, and stopped by signalling that group and any
 process whose command line names this head's temp folder: nothing else.
 """
