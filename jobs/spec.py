@@ -72,6 +72,8 @@ SUPPORTED_STORE_SCHEMES: tuple[str, ...] = ("file", "s3")
 
 #: Steps between checkpoints when neither ``save_steps`` nor ``checkpoint.interval`` is given.
 DEFAULT_SAVE_EVERY = 50
+MAX_STEPS = 10_000_000  # far beyond any fine-tune; keeps every count a small integer downstream
+MAX_PRIORITY = 1_000_000
 
 _STORE_HINT = "use file:///path or s3://bucket/prefix"
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -115,8 +117,8 @@ def _validate_vram(value: object) -> float | Literal["auto"]:
             number = float(value)
         except ValueError:
             number = None
-    if number is None or not math.isfinite(number) or number <= 0:
-        raise _invalid("vram", "should be 'auto' or the GPU memory in GB, a number > 0 (e.g. 24)")
+    if number is None or not math.isfinite(number) or number <= 0 or number > 4096:
+        raise _invalid("vram", "should be 'auto' or the GPU memory in GB, a number from 1 to 4096 (e.g. 24)")
     return number
 
 
@@ -313,7 +315,7 @@ class Resources(BaseModel):
     gpus: int = Field(1, ge=0, le=64)
     gpu_vram_gb: VramGB = "auto"
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    cpus: int = Field(1, ge=1)
+    cpus: int = Field(1, ge=1, le=4096)
 
 
 class Policy(BaseModel):
@@ -321,12 +323,12 @@ class Policy(BaseModel):
 
     model_config = _frozen_config()
 
-    max_usd: float | None = Field(None, gt=0)
-    max_usd_per_hour: float | None = Field(None, gt=0)
+    max_usd: float | None = Field(None, gt=0, le=10_000_000)
+    max_usd_per_hour: float | None = Field(None, gt=0, le=100_000)
     spot: Literal["allow", "never", "only"] = "allow"
     #: ``restricted`` data stays on premises (the local provider).
     data: Literal["open", "restricted"] = "open"
-    providers: list[str] | None = Field(None, min_length=1)
+    providers: list[str] | None = Field(None, min_length=1, max_length=50)
     #: Owned capacity first whenever it can do the job (default: only when it costs at most
     #: ``owned_tolerance`` (config) more than the best rented offer).
     prefer_owned: bool = False
@@ -351,9 +353,9 @@ class Checkpoint(BaseModel):
     #: URI of the store; ``None`` means the orchestrator's default local folder (filled later).
     store: str | None = None
     #: Steps between checkpoints; same meaning as the top-level ``save_steps``.
-    interval: int | None = Field(None, gt=0)
+    interval: int | None = Field(None, gt=0, le=MAX_STEPS)
     #: How many committed checkpoints to keep.
-    keep: int = Field(3, ge=1)
+    keep: int = Field(3, ge=1, le=1000)
     #: Another job (same store) whose newest checkpoint seeds this one when it has none of its own:
     #: how a successive-halving sweep continues a promising trial for more steps.
     resume_from: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
@@ -382,26 +384,27 @@ class JobSpec(BaseModel):
     load_in_8bit: bool = False
 
     # LoRA settings; allowed but ignored without an adapter.
-    lora_r: int = Field(8, gt=0)
-    lora_alpha: int = Field(16, gt=0)
+    lora_r: int = Field(8, gt=0, le=4096)
+    lora_alpha: int = Field(16, gt=0, le=1_000_000)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_target_modules: list[str] | None = Field(None, min_length=1)
+    lora_target_modules: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        None, min_length=1, max_length=200)
     lora_target_linear: bool = False
 
     sequence_len: int = Field(512, ge=8, le=262144)
     sample_packing: bool = False
-    micro_batch_size: int = Field(1, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    num_epochs: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(1, gt=0, le=65536)
+    gradient_accumulation_steps: int = Field(1, gt=0, le=65536)
+    num_epochs: float = Field(1.0, gt=0, le=10_000)
     #: When set, wins over ``num_epochs``.
-    max_steps: int | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0, le=MAX_STEPS)
     learning_rate: float = Field(2e-4, gt=0, le=1)
     lr_scheduler: Literal[
         "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"
     ] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
+    weight_decay: float = Field(0.0, ge=0, le=100)
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6)
     optimizer: Literal[
         "adamw_torch",
         "adamw_torch_fused",
@@ -412,16 +415,16 @@ class JobSpec(BaseModel):
         "sgd",
         "adafactor",
     ] = "adamw_torch"
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, le=2**32 - 1)  # what numpy and torch accept
 
     datasets: list[DatasetSpec] = Field(min_length=1)
     #: Fraction of the data held out for eval loss.
     val_set_size: float = Field(0.0, ge=0, lt=1)
-    save_steps: int | None = Field(None, gt=0)
-    logging_steps: int = Field(1, gt=0)
+    save_steps: int | None = Field(None, gt=0, le=MAX_STEPS)
+    logging_steps: int = Field(1, gt=0, le=MAX_STEPS)
     bf16: Bf16 = "auto"
     gradient_checkpointing: bool = False
-    priority: int = 0
+    priority: int = Field(0, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
 
     resources: Resources = Field(default_factory=Resources)
     policy: Policy = Field(default_factory=Policy)
@@ -525,12 +528,29 @@ _NOT_A_MAPPING = "a job file is a YAML mapping of keys like base_model: ..., dat
 _Path = tuple[str | int, ...]
 
 
-def load_job_file(path: str | os.PathLike[str], *, check_files: bool = True) -> JobSpec:
+MAX_JOB_FILE_BYTES = 1 << 20  # a job file is a page of settings; data goes in datasets: files
+
+
+def load_job_file(path: str | os.PathLike[str], *, check_files: bool = True, known_providers=None,
+                  now: float | None = None, warnings: list[str] | None = None) -> JobSpec:
     """Read and validate a job file. Relative paths inside it are relative to its folder.
+
+    ``check_files``: also check that datasets and a local model exist, read every dataset line
+    against its format, and check ``lora_target_modules`` against the model's architecture.
+    ``known_providers``: the provider names ``policy.providers`` may use. ``now``: a deadline must
+    be after it. ``warnings``: collects what is worth saying but not an error (examples that will
+    be cut or dropped).
 
     Raises :class:`JobFileError` (and nothing else) listing every problem found.
     """
     source = os.fspath(path)
+    try:
+        size = os.path.getsize(source)
+    except OSError:
+        size = 0  # reported by the read below
+    if size > MAX_JOB_FILE_BYTES:
+        raise JobFileError(source, [Problem("", f"the job file is {size / 2**20:.1f} MiB; a job file is at most "
+                                                f"{MAX_JOB_FILE_BYTES >> 20} MiB of settings (data goes in datasets: files)")])
     try:
         raw = Path(source).read_bytes()
     except FileNotFoundError:
@@ -545,7 +565,8 @@ def load_job_file(path: str | os.PathLike[str], *, check_files: bool = True) -> 
         line = raw.count(b"\n", 0, exc.start) + 1
         raise JobFileError(source, [Problem("", "job file is not UTF-8 text", line)]) from None
     base_dir = os.path.dirname(os.path.abspath(source))
-    return load_job_text(text, base_dir=base_dir, source_name=source, check_files=check_files)
+    return load_job_text(text, base_dir=base_dir, source_name=source, check_files=check_files,
+                         known_providers=known_providers, now=now, warnings=warnings)
 
 
 def load_job_text(
@@ -554,13 +575,20 @@ def load_job_text(
     base_dir: str | os.PathLike[str] | None = None,
     source_name: str = "<job>",
     check_files: bool = True,
+    known_providers=None,
+    now: float | None = None,
+    warnings: list[str] | None = None,
 ) -> JobSpec:
     """Validate job-file text. ``base_dir`` (default: the current folder) anchors relative paths.
+    The other arguments are :func:`load_job_file`'s.
 
     Raises :class:`JobFileError` (and nothing else) listing every problem found.
     """
+    if isinstance(text, str) and len(text.encode("utf-8", "surrogatepass")) > MAX_JOB_FILE_BYTES:
+        raise JobFileError(source_name, [Problem("", f"the job text is over {MAX_JOB_FILE_BYTES >> 20} MiB; "
+                                                     "a job file is a page of settings")])
     try:
-        return _load(text, base_dir, source_name, check_files)
+        return _load(text, base_dir, source_name, check_files, known_providers, now, warnings)
     except JobFileError:
         raise
     except RecursionError:
@@ -571,7 +599,8 @@ def load_job_text(
         ) from exc
 
 
-def _load(text: str, base_dir: str | os.PathLike[str] | None, source: str, check_files: bool) -> JobSpec:
+def _load(text: str, base_dir: str | os.PathLike[str] | None, source: str, check_files: bool,
+          known_providers=None, now: float | None = None, warnings: list[str] | None = None) -> JobSpec:
     if not isinstance(text, str):
         raise JobFileError(source, [Problem("", "job file text must be a string")])
     data, lines, duplicates = _parse_yaml(text, source)
@@ -596,6 +625,14 @@ def _load(text: str, base_dir: str | os.PathLike[str] | None, source: str, check
             continue  # reported below, one problem per rule, each at its own key
         problems.append(_describe(err))
     problems.extend(rule_problems)
+    if check_files:
+        problems.extend(_check_contents(data, warnings if warnings is not None else []))
+    if known_providers is not None:
+        problems.extend(_check_providers(data, frozenset(known_providers)))
+    if now is not None and spec is not None and spec.policy.deadline is not None \
+            and spec.policy.deadline.timestamp() <= now:
+        problems.append((("policy", "deadline"), f"{spec.policy.deadline.isoformat()} is already past; "
+                         "set a later deadline, or remove it"))
 
     if problems or duplicates or spec is None:
         raise JobFileError(source, _finish(problems, lines, duplicates))
@@ -753,6 +790,63 @@ def _check_dataset(item: Any, index: int, base: str, problems: list[tuple[_Path,
         message = f"dataset file not found: {given} (looked in {absolute})"
     problems.append((("datasets", index, "path"), message))
     return item
+
+
+def _check_contents(data: Mapping[Any, Any], warnings: list[str]) -> list[tuple[_Path, str]]:
+    """Dataset rows against their format, and LoRA target modules against the architecture, for
+    entries that are otherwise well-formed (anything malformed is the model's to report)."""
+    from jobs import checks
+
+    problems: list[tuple[_Path, str]] = []
+    seq = data.get("sequence_len", 512)
+    seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and 8 <= seq <= 262144 else None
+    base_model = data.get("base_model")
+    exact = base_model == BUILTIN_TINY_MODEL
+    datasets = data.get("datasets")
+    for i, item in enumerate(datasets if isinstance(datasets, list) else ()):
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str) or not os.path.isfile(item["path"]):
+            continue
+        kind = item.get("type", "completion")
+        if kind not in ("completion", "alpaca", "chat_template"):
+            continue
+        field = item.get("field") if isinstance(item.get("field"), str) and item.get("field") else (
+            "messages" if kind == "chat_template" else "text")
+        report = checks.check_dataset(item["path"], kind, field, seq or 512, exact_tokens=exact)
+        loc: _Path = ("datasets", i, "path")
+        for message in report.problems:
+            problems.append((loc, f"{os.path.basename(item['path'])} {message}"))
+        if report.more_problems:
+            problems.append((loc, f"{os.path.basename(item['path'])}: and {report.more_problems} more lines like these"))
+        if seq is not None and not report.problems:
+            error, warning = checks.length_verdict(report, seq)
+            if error:
+                problems.append((loc, error))
+            if warning:
+                warnings.append(f"datasets[{i}] {os.path.basename(item['path'])}: {warning}")
+    modules = data.get("lora_target_modules")
+    if isinstance(base_model, str) and data.get("adapter") in ("lora", "qlora") and isinstance(modules, list) \
+            and all(isinstance(m, str) for m in modules):
+        known = checks.known_modules(base_model, BUILTIN_TINY_MODEL)
+        if known is not None:
+            arch, names = known
+            for m in checks.unknown_modules(modules, names):
+                close = difflib.get_close_matches(m, names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append((("lora_target_modules", modules.index(m)),
+                                 f"{m!r} is not a module of this {arch} model{hint}; it has {', '.join(names)}"))
+    return problems
+
+
+def _check_providers(data: Mapping[Any, Any], known: frozenset[str]) -> list[tuple[_Path, str]]:
+    policy = data.get("policy")
+    names = policy.get("providers") if isinstance(policy, dict) else None
+    out: list[tuple[_Path, str]] = []
+    for i, name in enumerate(names if isinstance(names, list) else ()):
+        if isinstance(name, str) and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            out.append((("policy", "providers", i), f"unknown provider {name!r}{hint}; known: {', '.join(sorted(known))}"))
+    return out
 
 
 def _resolve(base: str, path: str) -> str:

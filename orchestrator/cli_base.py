@@ -62,13 +62,29 @@ def _job_id(store, prefix: str) -> str:
 
 # ---------------------------------------------------------------- validate / submit
 def _load(path: Path):
-    from jobs.spec import JobFileError, load_job_file
+    """The one validation pass of ``validate``, ``submit``, ``estimate`` and ``offers``: the job
+    file, what it points at (datasets read line by line, the model's modules), known providers, a
+    deadline still ahead. Warnings (examples that will be cut or dropped) go to stderr."""
+    import time
 
+    from jobs.spec import JobFileError, load_job_file
+    from providers.registry import PROVIDERS
+
+    warnings: list[str] = []
     try:
-        return load_job_file(path)
+        spec = load_job_file(path, known_providers=PROVIDERS, now=time.time(), warnings=warnings)
     except JobFileError as exc:
         n = len(exc.problems)
         raise CliError(f"{path}: {n} problem{'s' if n != 1 else ''}; nothing was queued\n{exc}", 2) from None
+    for line in warnings:
+        err.print(f"[yellow]warning[/]: {path}: {_escape(line)}", highlight=False)
+    return spec
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
 
 
 
@@ -82,12 +98,3 @@ def _check_store(uri: str) -> None:
         open_store(uri).probe()
     except StorageError as exc:
         raise CliError(f"checkpoint.store {uri}: {exc}; nothing was queued", 2 if is_permanent(exc) else 1) from None
-
-
-def _check_providers(spec) -> None:
-    from providers.registry import UnknownProvider, check_names
-
-    try:
-        check_names(spec.policy.providers or ())
-    except UnknownProvider as exc:
-        raise CliError(f"policy.providers: {exc}; nothing was queued", 2) from None
