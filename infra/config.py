@@ -27,20 +27,29 @@ checkpoints go by default must be the same for every command that talks to the s
     usd_per_kwh: 0.15
     budget_monthly_usd: 500           # global cap on recorded spend per calendar month (UTC)
     provider_limits: {vast: 4, skypilot: 2}   # most attempts at once per provider
+
+Every setting has a type and a range (``Settings``); a bad one is refused at every command's start
+with the key, the value and what is allowed. ``TUNEFLEET_HOME`` must be a folder we can write.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+from urllib.parse import unquote, urlparse
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PROVIDER_NAMES = ("local", "vast", "skypilot", "together", "siliconflow")  # every provider tunefleet knows
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class ConfigError(ValueError):
-    """The config file is malformed; the message names the key and the file."""
+    """The config file or the environment is wrong; the message names the key, the value and the fix."""
 
 
 def tunefleet_home() -> Path:
@@ -49,6 +58,8 @@ def tunefleet_home() -> Path:
 
 @dataclass(frozen=True)
 class Config:
+    """The settings every part reads (plain values; ``Settings`` validates them at the edge)."""
+
     home: Path
     ray_address: str | None = None
     ray_num_cpus: int | None = None
@@ -65,10 +76,6 @@ class Config:
     provider_disable_s: float = 300.0
     owned_tolerance: float = 0.25
     time_scale: float = 1.0
-
-    def scaled(self, seconds: float) -> float:
-        """One of the daemon's built-in waits, in this config's time (``time_scale``)."""
-        return seconds * self.time_scale
     local_gpu_purchase_usd: float = 2000.0
     local_gpu_lifetime_hours: float = 26280.0
     local_gpu_watts: float = 350.0
@@ -77,6 +84,10 @@ class Config:
     launch_timeout_s: float = 900.0
     budget_monthly_usd: float | None = None
     provider_limits: tuple[tuple[str, int], ...] = ()  # provider -> most attempts at once
+
+    def scaled(self, seconds: float) -> float:
+        """One of the daemon's built-in waits, in this config's time (``time_scale``)."""
+        return seconds * self.time_scale
 
     def provider_limit(self, provider: str) -> int | None:
         return dict(self.provider_limits).get(provider)
@@ -93,41 +104,115 @@ class Config:
         return self.logs_dir / f"{attempt_id}.log"
 
 
+DAY = 86400.0
+
+
+class Settings(BaseModel):
+    """``config.yaml`` as a user may write it: every key typed and bounded."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    ray_address: str | None = Field(None, pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+    ray_num_cpus: int | None = Field(None, ge=1, le=4096)
+    ray_num_gpus: int | None = Field(None, ge=0, le=1024)
+    default_store: str | None = None
+    poll_interval_s: float = Field(1.0, ge=0.05, le=3600)
+    max_preemptions: int = Field(20, ge=0, le=10_000)
+    max_failures: int = Field(2, ge=1, le=1000)
+    max_launch_failures: int = Field(3, ge=1, le=1000)
+    max_attempts: int = Field(50, ge=1, le=100_000)
+    stop_grace_s: float = Field(60.0, ge=0, le=DAY)
+    unknown_timeout_s: float = Field(600.0, ge=1, le=7 * DAY)
+    call_timeout_s: float = Field(60.0, ge=0.1, le=3600)
+    provider_disable_s: float = Field(300.0, ge=1, le=DAY)
+    owned_tolerance: float = Field(0.25, ge=0, le=10)
+    time_scale: float = Field(1.0, gt=0, le=1000)
+    local_gpu_purchase_usd: float = Field(2000.0, ge=0, le=10_000_000)
+    local_gpu_lifetime_hours: float = Field(26280.0, gt=0, le=1_000_000)
+    local_gpu_watts: float = Field(350.0, ge=0, le=100_000)
+    local_cpu_watts: float = Field(65.0, ge=0, le=100_000)
+    usd_per_kwh: float = Field(0.15, ge=0, le=100)
+    launch_timeout_s: float = Field(900.0, ge=1, le=7 * DAY)
+    budget_monthly_usd: float | None = Field(None, ge=0, le=1e9)
+    provider_limits: dict[str, Annotated[int, Field(ge=0, le=10_000)]] = Field(default_factory=dict)
+
+    @field_validator("default_store")
+    @classmethod
+    def _store(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parsed = urlparse(value)
+        if parsed.scheme == "s3":
+            if not parsed.netloc:
+                raise ValueError("an s3 store needs a bucket: s3://bucket/prefix")
+            return value
+        if parsed.scheme == "file":
+            if parsed.netloc not in ("", "localhost") or not unquote(parsed.path).startswith("/"):
+                raise ValueError("a file store needs an absolute path: file:///abs/path")
+            return value
+        if not parsed.scheme and value.startswith("/"):
+            return Path(value).as_uri()
+        raise ValueError("use file:///absolute/path or s3://bucket/prefix")
+
+    @field_validator("provider_limits")
+    @classmethod
+    def _known_providers(cls, value: dict[str, int]) -> dict[str, int]:
+        for name in value:
+            if name not in PROVIDER_NAMES:
+                close = difflib.get_close_matches(name, PROVIDER_NAMES, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown provider {name!r}{hint}; known: {', '.join(PROVIDER_NAMES)}")
+        return value
+
+
+def _check_home(home: Path) -> None:
+    if home.exists() and not home.is_dir():
+        raise ConfigError(f"TUNEFLEET_HOME={home} is a file; point it at a folder (it is created if missing)")
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"TUNEFLEET_HOME={home}: cannot create it ({exc.strerror}); point it at a folder "
+                          "you can write") from None
+    if not os.access(home, os.W_OK | os.X_OK):
+        raise ConfigError(f"TUNEFLEET_HOME={home} is not writable by this user; point it at a folder you can write")
+
+
 def load_config(home: Path | None = None) -> Config:
     home = (home or tunefleet_home()).resolve()
+    _check_home(home)
     path = home / "config.yaml"
     raw: dict[str, Any] = {}
     if path.is_file():
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size / 2**20:.1f} MiB is not a config file (at most 1 MiB)")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: must be a mapping of settings")
-        raw = loaded
-    known = {f.name: f for f in fields(Config) if f.name != "home"}
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ConfigError(f"{path}: must be a mapping of settings, e.g. poll_interval_s: 1.0")
+        raw = {k: v for k, v in loaded.items() if v is not None} if all(isinstance(k, str) for k in loaded) else loaded
+    source = {key: str(path) for key in raw}
     if os.environ.get("TUNEFLEET_RAY_ADDRESS"):
         raw["ray_address"] = os.environ["TUNEFLEET_RAY_ADDRESS"]
-    values: dict[str, Any] = {}
-    limits = raw.pop("provider_limits", None) or {}
-    if not isinstance(limits, dict) or not all(isinstance(v, int) and v >= 0 for v in limits.values()):
-        raise ConfigError(f"{path}: provider_limits must map provider names to attempt counts, e.g. {{vast: 4}}")
-    values["provider_limits"] = tuple(sorted((str(k), int(v)) for k, v in limits.items()))
-    for key, value in raw.items():
-        if value is None:
-            continue
-        kind = known[key].type
-        try:
-            if "int" in str(kind):
-                values[key] = int(value)
-            elif "float" in str(kind):
-                values[key] = float(value)
-            else:
-                values[key] = str(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{path}: {key} must be a {kind}, got {value!r}") from None
-    values.setdefault("default_store", (home / "checkpoints").as_uri())
+        source["ray_address"] = "TUNEFLEET_RAY_ADDRESS"
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_explain(err, path, source) for err in exc.errors())) from None
+    values = settings.model_dump()
+    values["provider_limits"] = tuple(sorted(values["provider_limits"].items()))
+    values["default_store"] = values["default_store"] or (home / "checkpoints").as_uri()
     return Config(home=home, **values)
+
+
+def _explain(err: dict[str, Any], path: Path, source: dict[str, str]) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    key = str(err["loc"][0]) if err["loc"] else ""
+    where = source.get(key, str(path))
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(key, list(Settings.model_fields), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{where}: unknown setting {key!r}{hint}; known: {', '.join(sorted(Settings.model_fields))}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {loc}: {err.get('input')!r} is not allowed: {msg}"

@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from infra.config import Config
+from infra.config import PROVIDER_NAMES, Config
 from providers.base import Offer, Provider, ProviderError, ProviderNotConfigured
 
-PROVIDERS = ("local", "vast", "skypilot", "together", "siliconflow")
+PROVIDERS = PROVIDER_NAMES  # the config validates provider_limits against the same names
 OFFERS_TIMEOUT_S = 20.0
 
 

@@ -13,7 +13,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.budget import Cap, Shortfall, launch_refusal, month_start, must_stop, next_month_start
+from orchestrator.budget import Cap, Shortfall, launch_refusal, month_start, must_stop, next_month_start, usd
 from tests.test_cli import EXAMPLE, tf
 
 money = st.floats(0, 1000, allow_nan=False)
@@ -27,7 +27,7 @@ def test_a_launch_that_fits_keeps_everything_under_the_cap(limit, spent, running
     if refusal is None:
         assert spent + running + committed + est <= limit + 1e-9
     else:
-        assert "job" in refusal.why and f"${limit:.2f}" in refusal.why
+        assert "job" in refusal.why and usd(limit) in refusal.why
         assert (refusal.kind is Shortfall.NEVER) == (est > limit - spent + 1e-12)
         assert refusal.until is None
     monthly = launch_refusal([Cap("monthly budget", limit, spent, running, committed, resets_at=1e9)], est)
@@ -58,6 +58,12 @@ def test_stopping_at_the_horizon_never_overruns(limit, rate, horizon, ticks):
         assert spent <= limit + 1e-9
 
 
+def test_money_shows_enough_digits_to_tell_small_amounts_apart():
+    assert usd(0.0001) == "$0.00010" and usd(0.0) == "$0.00" and usd(0.00012) == "$0.00012"
+    assert usd(0.05) == "$0.050" and usd(0.456) == "$0.46" and usd(12.345) == "$12.35"
+    assert usd(1234.5) == "$1,234.50" and usd(0.0001) != usd(0.0)
+
+
 def test_month_window():
     t = 1_795_000_000.0  # 2026-11-17
     start = month_start(t)
@@ -72,7 +78,7 @@ def test_running_attempt_is_stopped_at_its_cap_and_resumes_when_raised(tmp_path,
     home.mkdir()
     # the CPU costs $0.50 a second here, so the cap is reached within seconds
     (home / "config.yaml").write_text(
-        "poll_interval_s: 0.5\nstop_grace_s: 2\nlocal_cpu_watts: 1000\nusd_per_kwh: 1800\n"
+        "poll_interval_s: 0.5\nstop_grace_s: 2\nlocal_cpu_watts: 100000\nusd_per_kwh: 18\n"
     )
     doc = yaml.safe_load(EXAMPLE.read_text())
     doc["datasets"][0]["path"] = str((EXAMPLE.parent / doc["datasets"][0]["path"]).resolve())
@@ -113,7 +119,7 @@ def test_running_attempt_is_stopped_at_its_cap_and_resumes_when_raised(tmp_path,
 def test_a_job_bigger_than_the_monthly_budget_is_refused_with_the_reason(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
-    (home / "config.yaml").write_text("budget_monthly_usd: 0.000001\nlocal_cpu_watts: 1000\nusd_per_kwh: 1800\n")
+    (home / "config.yaml").write_text("budget_monthly_usd: 0.000001\nlocal_cpu_watts: 100000\nusd_per_kwh: 18\n")
     doc = yaml.safe_load(EXAMPLE.read_text())
     doc["datasets"][0]["path"] = str((EXAMPLE.parent / doc["datasets"][0]["path"]).resolve())
     del doc["policy"]["max_usd"]  # only the monthly budget applies
