@@ -20,6 +20,7 @@ last sign of life.
 from __future__ import annotations
 
 import calendar
+import math
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -56,6 +57,17 @@ class Refusal:
         return self.cap.resets_at if self.kind is Shortfall.RESET else None
 
 
+def usd(amount: float) -> str:
+    """Dollars with enough digits to tell $0.0001 from $0.00: cents from $1 up, two significant
+    digits below ("$0.00012"), at most 8 decimals."""
+    if amount == 0 or not math.isfinite(amount):
+        return f"${amount:.2f}"
+    if abs(amount) >= 1:
+        return f"${amount:,.2f}"
+    decimals = min(8, max(2, 1 - math.floor(math.log10(abs(amount)))))
+    return f"${amount:.{decimals}f}"
+
+
 def launch_refusal(caps: list[Cap], est_usd: float | None) -> Refusal | None:
     """Why a launch expected to cost ``est_usd`` does not fit, or None when it fits every cap.
 
@@ -74,9 +86,9 @@ def launch_refusal(caps: list[Cap], est_usd: float | None) -> Refusal | None:
         else:
             kind = Shortfall.NEVER
         why = (
-            f"{cap.scope}: ${cap.limit_usd:.2f} cap, ${cap.spent_usd:.2f} spent"
-            + (f", ${cap.running_usd + cap.committed_usd:.2f} held by running attempts" if kind is Shortfall.HELD else "")
-            + f"; this attempt is expected to cost ${need:.2f}"
+            f"{cap.scope}: {usd(cap.limit_usd)} cap, {usd(cap.spent_usd)} spent"
+            + (f", {usd(cap.running_usd + cap.committed_usd)} held by running attempts" if kind is Shortfall.HELD else "")
+            + f"; this attempt is expected to cost {usd(need)}"
         )
         return Refusal(cap, kind, why)
     return None

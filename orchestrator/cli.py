@@ -7,6 +7,7 @@ Exit codes: 0 ok; 1 operational error (unknown job, invalid transition, locked d
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,6 @@ from rich.table import Table
 from orchestrator.cli_base import (
     CliError,
     JsonOpt,
-    _check_providers,
     _check_store,
     _config,
     _emit_json,
@@ -29,8 +29,11 @@ from orchestrator.cli_base import (
     console,
     err,
 )
+from orchestrator.budget import usd
 from orchestrator.queue import job_summary, submit_spec
 from orchestrator.states import JobState
+
+MAX_PRIORITY = 1_000_000  # jobs.spec.MAX_PRIORITY (not imported here: the CLI starts without pydantic models)
 
 # ---------------------------------------------------------------- validate / submit
 @app.command()
@@ -46,12 +49,12 @@ def validate(job_file: Path, json_out: JsonOpt = False) -> None:
 @app.command()
 def submit(
     job_file: Path,
-    priority: Annotated[int | None, typer.Option(help="Higher runs first (default: the file's priority).")] = None,
+    priority: Annotated[int | None, typer.Option(help="Higher runs first (default: the file's priority).",
+                                                 min=-MAX_PRIORITY, max=MAX_PRIORITY)] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Validate a job file and queue it. Prints the job id."""
     spec = _load(job_file)
-    _check_providers(spec)
     config = _config()
     _check_store(spec.checkpoint.store or config.default_store)
     with _store(config) as store:
@@ -71,7 +74,7 @@ def _status_table(rows: list[dict[str, Any]]) -> Table:
         cells.append([
             r["id"], r["name"], r["state"], r["provider"] or "-", step,
             f"{r['loss']:.4f}" if r["loss"] is not None else "-", str(r["attempts"]),
-            f"{r['elapsed_s']:.0f}s", f"${r['cost_usd']:.4f}",
+            f"{r['elapsed_s']:.0f}s", usd(r['cost_usd']),
         ])
     headers = ("ID", "NAME", "STATE", "PROVIDER", "STEP", "LOSS", "ATT", "ELAPSED", "COST")
     table = Table(box=None, header_style="bold", pad_edge=False)
@@ -92,7 +95,7 @@ def _status_table(rows: list[dict[str, Any]]) -> Table:
 def status(
     job: Annotated[str | None, typer.Argument(help="Job id (or a unique prefix). Omit for all jobs.")] = None,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Live view until the job ends.")] = False,
-    limit: Annotated[int, typer.Option(help="Jobs to list (newest first).")] = 50,
+    limit: Annotated[int, typer.Option(help="Jobs to list (newest first).", min=1, max=100_000)] = 50,
     json_out: JsonOpt = False,
 ) -> None:
     """Jobs and their progress: state, step/total, loss, attempts, elapsed, cost."""
@@ -147,7 +150,7 @@ def _watch(store, job_id: str) -> None:
             progress.update(
                 task, completed=s["step"], total=s["total_steps"],
                 description=f"{job_id} [{s['state']}]",
-                info=f"{loss} att {s['attempts']} ${s['cost_usd']:.4f}",
+                info=f"{loss} att {s['attempts']} {usd(s['cost_usd'])}",
             )
             if JobState(s["state"]).terminal:
                 break
@@ -188,6 +191,11 @@ def logs(
     with _store(config) as store:
         job_id = _job_id(store, job)
         attempts = [a for a in store.attempts_for(job_id) if attempt is None or a.seq == attempt]
+        if not attempts and follow and attempt is None:  # a queued job: wait for its first attempt
+            err.print(f"{job_id} has not started yet; waiting for its first attempt (Ctrl-C to stop)")
+            while not attempts and not store.get_job(job_id).terminal:
+                time.sleep(0.5)
+                attempts = store.attempts_for(job_id)
         if not attempts:
             raise CliError(f"job {job_id} has no attempt{f' {attempt}' if attempt else ''} yet")
         for a in attempts[:-1] if follow else attempts:
@@ -255,16 +263,18 @@ def cancel(job: str, json_out: JsonOpt = False) -> None:
 def preempt(
     job: str,
     hard: Annotated[bool, typer.Option("--hard", help="SIGKILL (no warning) instead of SIGTERM with grace.")] = False,
+    attempt: Annotated[int | None, typer.Option(help="Only this attempt (its number in `status`); refused if "
+                                                     "another one runs by now.", min=1)] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Interrupt a running attempt as a spot reclaim would (drills, demos, tests)."""
+    """Interrupt a running attempt as a spot reclaim would (drills, demos, tests). Says which attempt."""
     from orchestrator.store import InvalidTransition
 
     config = _config()
     with _store(config) as store:
         job_id = _job_id(store, job)
         try:
-            att = store.request_preempt(job_id, hard=hard)
+            att = store.request_preempt(job_id, hard=hard, seq=attempt)
         except InvalidTransition as exc:
             raise CliError(str(exc)) from None
     if json_out:
@@ -288,8 +298,10 @@ def resume(
         row = store.get_job(job_id)
         spec = dict(row.spec)
         if max_usd is not None:
+            if not math.isfinite(max_usd) or max_usd > 10_000_000:
+                raise CliError(f"--max-usd must be a finite amount of dollars up to 10,000,000, not {max_usd}", 2)
             if max_usd <= row.cost_usd:
-                raise CliError(f"--max-usd {max_usd:.2f} is not above the ${row.cost_usd:.2f} already spent", 2)
+                raise CliError(f"--max-usd {usd(max_usd)} is not above the {usd(row.cost_usd)} already spent", 2)
             spec["policy"] = {**(spec.get("policy") or {}), "max_usd": max_usd}
         try:
             row = store.resume_stopped(job_id, spec)
@@ -331,10 +343,10 @@ def spend(
     table.add_column(by.upper())
     table.add_column("USD", justify="right")
     for g in summary["groups"]:
-        table.add_row(g["key"], f"{g['usd']:.4f}")
+        table.add_row(g["key"], usd(g["usd"]))
     console.print(table)
-    cap = f" of ${config.budget_monthly_usd:.2f}" if config.budget_monthly_usd is not None else ""
-    console.print(f"total ${total:.4f}; this month ${month:.4f}{cap}")
+    cap = f" of {usd(config.budget_monthly_usd)}" if config.budget_monthly_usd is not None else ""
+    console.print(f"total {usd(total)}; this month {usd(month)}{cap}")
 
 
 @app.command()
@@ -381,10 +393,10 @@ def _print_sweep(s: dict[str, Any]) -> None:
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
         table.add_row(str(r["trial"]), params, str(r["rung"]),
                       f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-",
-                      str(r["steps"]), f"${r['cost_usd']:.4f}", r["state"])
+                      str(r["steps"]), usd(r['cost_usd']), r["state"])
     console.print(table, crop=False)
     console.print(f"{s['id']} {s['name']} ({s['state']}) {s['strategy']}, rung {s['rung'] + 1}/{len(s['rungs'])} "
-                  f"(steps {s['rungs']}); spent ${s['spent_usd']:.4f} of ${s['budget_usd']:.2f}")
+                  f"(steps {s['rungs']}); spent {usd(s['spent_usd'])} of {usd(s['budget_usd'])}")
     if s["best_adapter_uri"]:
         console.print(f"best: {s['best_job_id']} -> {s['best_adapter_uri']}")
 
@@ -396,10 +408,17 @@ def report(
     """A self-contained HTML report: loss curves per trial and job, spend against budgets, local usage."""
     from orchestrator.report import build_report
 
+    if out.is_dir():
+        raise CliError(f"--out {out} is a folder; give a file name, e.g. {out / 'tunefleet-report.html'}", 2)
+    if not out.parent.is_dir():
+        raise CliError(f"--out {out}: the folder {out.parent} does not exist; create it first", 2)
     config = _config()
     with _store(config) as store:
         page = build_report(store, config)
-    out.write_text(page, encoding="utf-8")
+    try:
+        out.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"cannot write {out}: {exc.strerror}") from None
     console.print(f"wrote {out} ({len(page) // 1024} KiB)")
 
 
@@ -462,14 +481,40 @@ def demo(
         raise CliError(f"demo job ended {summary['state']}: {summary.get('reason')}")
 
 
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected error.")] = False,
+) -> None:
+    """Run LLM fine-tuning jobs on the cheapest capacity that can do them, and survive preemption."""
+
+
 def main() -> None:
+    """Every command's errors end as one line on stderr and the documented exit code: 2 for bad
+    input, 1 for an operational error. ``--debug`` (anywhere) shows the traceback instead."""
+    from rich.markup import escape
+
+    debug = "--debug" in sys.argv[1:]
+    if debug:
+        sys.argv = [a for i, a in enumerate(sys.argv) if i == 0 or a != "--debug"]
     try:
         app()
     except CliError as exc:
-        from rich.markup import escape
-
         err.print(f"[red]error[/]: {escape(str(exc))}", highlight=False)
         sys.exit(exc.code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        from infra.config import ConfigError
+        from infra.storage import StorageError
+        from orchestrator.store import StoreError
+
+        known = (ConfigError, StorageError, StoreError, OSError)
+        what = str(exc) if isinstance(exc, known) else f"internal error: {type(exc).__name__}: {exc}"
+        err.print(f"[red]error[/]: {escape(what)} (run with --debug for the traceback)", highlight=False)
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from infra.config import Config
-from orchestrator.cli_base import JsonOpt, _check_providers, _config, _emit_json, _load, _store, app, console, err
+
+from orchestrator.budget import usd
+from orchestrator.cli_base import JsonOpt, _config, _emit_json, _load, _store, app, console, err
 
 @app.command()
 def providers(json_out: JsonOpt = False) -> None:
@@ -65,7 +68,6 @@ def _spec_and_estimate(job_file: Path):
     from jobs.estimate import estimate
 
     spec = _load(job_file)
-    _check_providers(spec)
     config = _config()
     calibration: dict[str, float] = {}
     if config.db_path.is_file():
@@ -125,34 +127,36 @@ def offers(
     disabled = {n: why for n, why in problems.items() if n in broken or n in result.unavailable}
     down = {n: why for n, why in problems.items() if n not in disabled}
     d = _decision(config, doc, est, result.offers, built, down, disabled)
-    shown = [p for p in d.placements if show_all or p.viable]
+    # the default: viable offers with a checked price; --all adds placeholders and rejections
+    shown = [p for p in d.placements if show_all or (p.viable and not p.offer.placeholder)]
+    hidden = sum(1 for p in d.placements if p.viable and p.offer.placeholder) if not show_all else 0
     if json_out:
         _emit_json({"decision": d.to_dict(),
                     "offers": [{**p.to_dict(), "launchable_now": (p.offer.provider, p.offer.offer_id) in d.ready}
                                for p in shown],
+                    "hidden_placeholder_offers": hidden,
                     "problems": problems})
         return
     table = Table(box=None, header_style="bold")
-    cols = ["PROVIDER", "GPU", "$/H", "EST H", "EST $", "RISK", "PRICE SOURCE"] + (["WHY NOT"] if show_all else [])
+    cols = ["PROVIDER", "GPU", "$/H", "EST H", "EST $", "RISK", "PRICE", "LAUNCH"] + (["WHY NOT"] if show_all else [])
     for col in cols:
         table.add_column(col, justify="right" if col in ("$/H", "EST H", "EST $", "RISK") else "left",
                          no_wrap=col != "WHY NOT", overflow="fold", min_width=30 if col == "WHY NOT" else None)
     for p in shown:
         o = p.offer
-        src = f"{o.price_source}" + (f" {o.price_date}" if o.price_date else "")
         gpu = f"{o.gpu}x{o.gpu_count}" if o.gpu_count else o.gpu
+        launch = "yes" if (o.provider, o.offer_id) in d.ready else ("quote only" if p.viable else "-")
         row = [f"{o.provider}{' (spot)' if o.interruptible else ''}", gpu, f"{o.usd_per_hour:.3f}",
                f"{p.est_hours:.2f}" if p.est_hours is not None else "-",
-               f"{p.est_usd:.2f}" if p.est_usd is not None else "-", f"{p.risk:.0%}", src]
+               usd(p.est_usd) if p.est_usd is not None else "-", f"{p.risk:.0%}", o.provenance, launch]
         if show_all:
-            row.append("" if p.viable else f"[red]{p.reason}[/]")
+            row.append("" if p.viable else f"[red]{escape(p.reason)}[/]")
         table.add_row(*row)
     n_viable = sum(p.viable for p in d.placements)
     console.print(table, crop=False)
-    console.print(f"{n_viable} viable of {len(d.placements)} offers; VRAM needed {est.vram_gb:.1f} GB, "
-                  f"{est.tokens:,} tokens")
-    from rich.markup import escape
-
+    console.print(f"{n_viable} viable of {len(d.placements)} offers, {len(d.ready)} launchable now; VRAM needed "
+                  f"{est.vram_gb:.1f} GB, {est.tokens:,} tokens"
+                  + (f"; {hidden} with placeholder prices hidden (--all shows them)" if hidden else ""))
     console.print(f"[bold]daemon would {d.verdict.value}[/] ({d.code.value}): {escape(d.text)}")
     for name, why in sorted(problems.items()):
         err.print(f"[yellow]{name}[/]: {escape(why)}")

@@ -78,7 +78,7 @@ def run_demo(
                 progress.update(
                     task, completed=s["step"], total=s["total_steps"],
                     description=f"{job_id} [{s['state']}] attempt {s['attempts']}",
-                    info=f"loss {s['loss']:.3f}" if s["loss"] is not None else "",
+                    info=f"loss {s['loss']:.4f}" if s["loss"] is not None else "",
                 )
                 if job.terminal:
                     break
@@ -125,10 +125,12 @@ def run_demo(
     }
     store.close()
     if not quiet:
+        loss = summary["final_loss"]
         console.print(
             f"\n[bold]{job_id}[/] {summary['state']}: interrupted ({interrupt_mode}) at step "
             f"{summary['interrupted_at_step']}, resumed from committed checkpoint {summary['resumed_from_step']}, "
-            f"finished at step {summary['final_step']} with loss {summary['final_loss']}\n"
+            f"finished at step {summary['final_step']}"
+            + (f" with loss {loss:.4f}" if isinstance(loss, (int, float)) else "") + "\n"
             f"adapter: {summary['adapter_uri']}\n"
             f"checkpoints kept: {summary['checkpoints']}\n"
             f"see the whole story: tunefleet events {job_id}"

@@ -34,6 +34,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from orchestrator.budget import usd
 from providers.base import Offer
 
 RESTART_OVERHEAD_H = 2 / 60  # reload model + download checkpoint, on top of the offer's start-up
@@ -79,7 +80,7 @@ class Placement:
         if self.why is not None:
             return self.why
         if self.work_hours is None or self.est_hours is None:
-            text = f"${self.offer.usd_per_hour:.2f}/h (no estimate)"
+            text = f"{usd(self.offer.usd_per_hour)}/h (no estimate)"
         else:
             text = f"{self.work_hours:.2f} h of work"
             startup_h = self.offer.startup_s / 3600.0
@@ -111,6 +112,7 @@ class Placement:
             "code": None if self.code is None else str(self.code),
             "price_source": str(o.price_source),
             "price_date": o.price_date,
+            "provenance": o.provenance,
         }
 
 
@@ -179,7 +181,7 @@ class _Policy:
             return RejectCode.SPOT_POLICY, "on-demand offer, and policy.spot is only"
         if self.cap is not None and offer.usd_per_hour > self.cap:
             return RejectCode.PRICE_CAP, (
-                f"${offer.usd_per_hour:.2f}/h is over policy.max_usd_per_hour ${self.cap:.2f}")
+                f"{usd(offer.usd_per_hour)}/h is over policy.max_usd_per_hour {usd(self.cap)}")
         if offer.gpu == "managed":
             return None  # a managed API sizes its own hardware and keeps its own checkpoints
         if self.store_local and not offer.on_premises:
@@ -270,9 +272,10 @@ def rank(
                 continue
         p = _place(offer, estimate, hours, now, left, ckpt_frac, deadline, max_usd,
                    spent_usd, bool(avoid_set) and (offer.provider, offer.offer_id) in avoid_set)
-        if p.viable:  # a flat tuple sorts at C speed: not recently lost; owned by policy; cost; finish; $/h; ids
+        if p.viable:  # a flat tuple sorts at C speed: not recently lost; a checked price; owned by policy;
+            # cost; finish; $/h; ids (a placeholder price never ranks above a checked one)
             cost = math.inf if p.est_usd is None else p.est_usd * (owned_discount if offer.owned else 1.0)
-            viable.append((p.avoided, prefer_owned and not offer.owned, cost,
+            viable.append((p.avoided, offer.placeholder, prefer_owned and not offer.owned, cost,
                            math.inf if p.finish_at is None else p.finish_at, offer.usd_per_hour,
                            offer.provider, offer.offer_id, i, p))
         else:
@@ -291,7 +294,7 @@ def _place(offer, estimate, hours, now, left, ckpt_frac, deadline, max_usd, spen
         full_h = hours(offer.gpu, offer.gpu_count or 1)
         if full_h is None:  # still usable; ranked after every offer whose cost can be estimated
             return Placement(offer, True, f"no throughput figure for GPU model {offer.gpu!r}; "
-                             f"${offer.usd_per_hour:.2f}/h", avoided=avoided)
+                             f"{usd(offer.usd_per_hour)}/h", avoided=avoided)
     work_h = full_h * left
     startup_h = offer.startup_s / 3600.0
     hazard = offer.hazard_per_hour
@@ -307,8 +310,8 @@ def _place(offer, estimate, hours, now, left, ckpt_frac, deadline, max_usd, spen
     est_usd = offer.usd_per_hour * est_h if offer.usd_total is None else offer.usd_total * left
     finish = now + est_h * 3600.0
     if max_usd is not None and spent_usd + est_usd > max_usd:
-        spent = f" + ${spent_usd:.2f} spent" if spent_usd else ""
-        why = f"expected ${est_usd:.2f}{spent} is over policy.max_usd ${max_usd:.2f}"
+        spent = f" + {usd(spent_usd)} spent" if spent_usd else ""
+        why = f"expected {usd(est_usd)}{spent} is over policy.max_usd {usd(max_usd)}"
         return Placement(offer, False, why, work_h, est_h, est_usd, finish, risk, avoided, RejectCode.JOB_CAP)
     if deadline is not None and finish > deadline:
         why = f"expected to finish {(finish - deadline) / 3600.0:.1f} h after the deadline"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from orchestrator.budget import Cap, month_start, next_month_start
+from orchestrator.budget import Cap, month_start, next_month_start, usd
 from orchestrator.store import AttemptRow, JobRow
 
 
@@ -99,17 +99,17 @@ def stop_reason(job: JobRow, att: AttemptRow, now: float, horizon_s: float, live
     if max_usd is not None:
         cap = Cap(f"job {job.id} policy.max_usd", max_usd, job.cost_usd, accrued(att, now))
         if must_stop(cap, att.usd_per_hour, horizon_s):
-            return f"${cap.spent_usd + cap.running_usd:.4f} of its ${max_usd:.2f} cap spent"
+            return f"{usd(cap.spent_usd + cap.running_usd)} of its {usd(max_usd)} cap spent"
     if job.sweep_id:
         mine = [a for a in live if sweep_of(a.job_id) == job.sweep_id]
         cap = caps.sweep(job.sweep_id, now, live, sweep_of)
         if must_stop(Cap(cap.scope, cap.limit_usd, cap.spent_usd, cap.running_usd),
                      sum(a.usd_per_hour for a in mine), horizon_s):
-            return f"the sweep's ${cap.limit_usd:.2f} budget would be crossed"
+            return f"the sweep's {usd(cap.limit_usd)} budget would be crossed"
     monthly = caps.monthly(now, live)
     if monthly is not None and must_stop(Cap(monthly.scope, monthly.limit_usd, monthly.spent_usd, monthly.running_usd),
                                          sum(a.usd_per_hour for a in live), horizon_s):
-        return f"the monthly budget ${monthly.limit_usd:.2f} would be crossed"
+        return f"the monthly budget {usd(monthly.limit_usd)} would be crossed"
     return None
 
 

@@ -16,6 +16,7 @@ A sweep file::
       lora_r: {values: [4, 8, 16]}
       lora_alpha: {log_uniform: [8, 64], int: true}        # random
     trials: 9                      # random search: how many; grid: at most this many (default: all)
+    max_trials: 256                # a sweep over this many trials is refused unless raised here
     strategy: successive_halving   # or: all
     halving: {min_steps: 40, eta: 3}
     budget_usd: 5.0
@@ -37,16 +38,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from jobs.spec import JobFileError, JobSpec, load_job_file
 
+DEFAULT_MAX_TRIALS = 256  # a sweep of more trials is refused unless its file raises max_trials
+MAX_TRIALS_CEILING = 10_000
+MAX_SWEEP_FILE_BYTES = 1 << 20
 
 class SweepError(ValueError):
     """A sweep file that cannot run; the message says what and how to fix it."""
 
 
 class Param(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    values: list[Any] | None = Field(None, min_length=1)
+    values: list[Any] | None = Field(None, min_length=1, max_length=10_000)
     uniform: tuple[float, float] | None = None
     log_uniform: tuple[float, float] | None = None
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     int: bool = False
 
     @model_validator(mode="after")
@@ -83,12 +87,13 @@ class SweepSpec(BaseModel):
     base: str
     overrides: dict[str, Any] = Field(default_factory=dict)  # applied to the base job first
     search: dict[str, Param] = Field(min_length=1)
-    trials: int | None = Field(None, gt=0, le=1000)
+    trials: int | None = Field(None, gt=0, le=MAX_TRIALS_CEILING)
+    max_trials: int = Field(DEFAULT_MAX_TRIALS, ge=1, le=MAX_TRIALS_CEILING)
     strategy: Literal["all", "successive_halving"] = "all"
     halving: Halving | None = None
-    budget_usd: float = Field(gt=0, allow_inf_nan=False)
+    budget_usd: float = Field(gt=0, le=10_000_000, allow_inf_nan=False)
     max_parallel: int = Field(2, ge=1, le=256)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
 
     @model_validator(mode="after")
     def _halving_needs_settings(self) -> SweepSpec:
@@ -108,8 +113,11 @@ def _set(doc: dict[str, Any], dotted: str, value: Any) -> None:
 def load_sweep(path: Path) -> tuple[SweepSpec, dict[str, Any]]:
     """The validated sweep and its base job (payload dict). Raises SweepError with every problem."""
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_SWEEP_FILE_BYTES:
+            raise SweepError(f"{path}: the sweep file is {size / 2**20:.1f} MiB; a sweep file is at most 1 MiB")
         raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
         raise SweepError(f"{path}: cannot read the sweep file ({exc})") from None
     if not isinstance(raw, dict):
         raise SweepError(f"{path}: a sweep file is a YAML mapping (name, base, search, budget_usd, ...)")
@@ -125,9 +133,21 @@ def load_sweep(path: Path) -> tuple[SweepSpec, dict[str, Any]]:
                 msg = f"unknown key{f' (did you mean {close[0]!r}?)' if close else ''}"
             lines.append(f"{path}: {loc}: {msg}")
         raise SweepError("\n".join(lines)) from None
+    grid = math.prod(len(p.values) for p in sweep.search.values() if p.values is not None)
+    n_trials = sweep.trials or grid  # as expand() counts them, without building them
+    if all(p.grid for p in sweep.search.values()):
+        n_trials = min(n_trials, grid)
+    if n_trials > sweep.max_trials:
+        why = f"the grid has {grid} combinations" if sweep.trials is None else f"trials: {sweep.trials}"
+        raise SweepError(f"{path}: search: {n_trials} trials ({why}) is over max_trials {sweep.max_trials}: set "
+                         f"trials: to sample fewer, or raise max_trials (up to {MAX_TRIALS_CEILING}) if you mean it")
     base_path = (Path(path).parent / sweep.base).resolve()
     try:
-        base = load_job_file(base_path).to_payload_dict()
+        import time
+
+        from providers.registry import PROVIDERS
+
+        base = load_job_file(base_path, known_providers=PROVIDERS, now=time.time()).to_payload_dict()
     except JobFileError as exc:
         raise SweepError(f"{path}: base job {base_path}:\n{exc}") from None
     if sweep.overrides:

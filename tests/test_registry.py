@@ -105,9 +105,13 @@ def test_offers_command_ranks_snapshot_prices_without_any_account(offline_home, 
     for r in rows:
         for key in ("provider", "gpu", "usd_per_hour", "est_hours", "est_usd", "viable", "reason", "code"):
             assert key in r
-    # by expected $ of the completed job, owned capacity counted at 1/(1 + owned_tolerance) of its cost
-    ranked = [r["est_usd"] / (1.25 if r["owned"] else 1.0) for r in viable if r["est_usd"] is not None]
+    # checked prices before placeholders; then by expected $ of the completed job, owned capacity
+    # counted at 1/(1 + owned_tolerance) of its cost
+    ranked = [(r["provenance"] == "placeholder", r["est_usd"] / (1.25 if r["owned"] else 1.0))
+              for r in viable if r["est_usd"] is not None]
     assert ranked == sorted(ranked) and ranked
+    assert any(r["provenance"] == "placeholder" for r in viable)  # SiliconFlow's PLACEHOLDER snapshot
+    assert any(r["provenance"].startswith("snapshot (verified ") for r in viable)  # Vast's
     assert any(r["price_source"] == "snapshot" and r["price_date"] for r in rows)
     assert all(r["reason"] and r["code"] for r in rows if not r["viable"])
     # snapshot quotes and APIs this machine cannot launch on are listed, but not launchable now
@@ -116,9 +120,11 @@ def test_offers_command_ranks_snapshot_prices_without_any_account(offline_home, 
     decision = out["decision"]
     assert decision["verdict"] == "place" and decision["provider"] == "local"
     assert decision["offer_id"] == next(r["offer_id"] for r in viable if r["launchable_now"])
-    # the default (viable only) is the viable prefix of --all
-    only = json.loads(tf(offline_home, "offers", str(job), "--json", check=True).stdout)["offers"]
-    assert [r["offer_id"] for r in only] == [r["offer_id"] for r in viable]
+    # the default: viable offers with a checked price, in the same order; placeholders counted
+    default = json.loads(tf(offline_home, "offers", str(job), "--json", check=True).stdout)
+    checked = [r["offer_id"] for r in viable if r["provenance"] != "placeholder"]
+    assert [r["offer_id"] for r in default["offers"]] == checked
+    assert default["hidden_placeholder_offers"] == len(viable) - len(checked) > 0
     # restricted data: nothing off premises is viable
     restricted = json.loads(tf(offline_home, "offers", str(EXAMPLE), "--json", check=True).stdout)["offers"]
     assert restricted and all(r["on_premises"] for r in restricted)

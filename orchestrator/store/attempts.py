@@ -210,9 +210,11 @@ class AttemptsMixin(JobsMixin):
             ).fetchone()
         return None if r is None else attempt_row(r)
 
-    def request_preempt(self, job_id: str, *, hard: bool) -> AttemptRow:
+    def request_preempt(self, job_id: str, *, hard: bool, seq: int | None = None) -> AttemptRow:
         """Ask the daemon to stop the job's live attempt: "soft" (checkpoint first) or "hard".
 
+        ``seq``: only that attempt; if it is no longer live (a preempt already ended it and the
+        job moved on), InvalidTransition, so a repeated request never hits the next attempt.
         A request only escalates: a pending "hard" stays hard if "soft" is asked afterwards.
         Event "preempt_requested". No live attempt: InvalidTransition.
         """
@@ -229,6 +231,9 @@ class AttemptsMixin(JobsMixin):
             if r is None:
                 raise InvalidTransition(f"job {job_id} has no running attempt")
             att = attempt_row(r)
+            if seq is not None and att.seq != seq:
+                raise InvalidTransition(f"attempt {seq} of job {job_id} is not running (attempt {att.seq} is); "
+                                        "not preempting another attempt")
             if att.preempt_request in PREEMPT_MODES and PREEMPT_MODES.index(
                 att.preempt_request
             ) > PREEMPT_MODES.index(mode):
