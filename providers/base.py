@@ -54,6 +54,9 @@ class Offer:
     available: bool = True  # False: the capacity exists but is taken now (owned GPUs busy): wait for it
     price_source: PriceSource = PriceSource.COST_MODEL
     price_date: str | None = None  # for snapshot/catalog prices: when they were published
+    # snapshot prices someone checked against the provider's own list (False: a placeholder or a
+    # recollection, shown only with --all and never ranked above a checked price)
+    price_verified: bool = True
     # Managed fine-tuning APIs price the whole job (per token), not the hour: then usd_total is the
     # price of the job and hours the provider's own duration estimate; usd_per_hour is derived.
     usd_total: float | None = None
@@ -62,6 +65,20 @@ class Offer:
 
     def detail(self, key: str, default: Any = None) -> Any:
         return dict(self.extra).get(key, default)
+
+    @property
+    def placeholder(self) -> bool:
+        return self.price_source is PriceSource.SNAPSHOT and not self.price_verified
+
+    @property
+    def provenance(self) -> str:
+        """Where the price comes from, as users read it: live, catalog DATE, snapshot (verified
+        DATE), placeholder, or cost model (owned hardware)."""
+        if self.price_source is PriceSource.SNAPSHOT:
+            return f"snapshot (verified {self.price_date})" if self.price_verified else "placeholder"
+        if self.price_source is PriceSource.CATALOG:
+            return f"catalog {self.price_date}" if self.price_date else "catalog"
+        return "cost model" if self.price_source is PriceSource.COST_MODEL else str(self.price_source)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,6 +99,8 @@ class Offer:
             "available": self.available,
             "price_source": str(self.price_source),
             "price_date": self.price_date,
+            "price_verified": self.price_verified,
+            "provenance": self.provenance,
             "usd_total": self.usd_total,
             "hours": self.hours,
             "extra": dict(self.extra),

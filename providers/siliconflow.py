@@ -53,10 +53,17 @@ class _GpuPrice:
 class _Snapshot:
     as_of: str
     source: str
+    verified: bool  # someone checked these prices against the provider's own list (else a placeholder)
     region: str
     startup_s: float
     max_gpus: int
     gpus: tuple[_GpuPrice, ...]
+
+
+def _prices(snap: _Snapshot) -> str:
+    if snap.verified:
+        return f"GPU prices from a snapshot verified {snap.as_of}"
+    return f"PLACEHOLDER GPU prices ({snap.as_of}, not SiliconFlow's own list; shown with offers --all only)"
 
 
 def load_snapshot(path: Path = SNAPSHOT_PATH) -> _Snapshot:
@@ -66,6 +73,7 @@ def load_snapshot(path: Path = SNAPSHOT_PATH) -> _Snapshot:
         return _Snapshot(
             as_of=str(raw["as_of"]),
             source=str(raw["source"]),
+            verified=bool(raw.get("verified")),
             region=str(raw.get("region", "siliconflow")),
             startup_s=float(raw.get("startup_s", 300.0)),
             max_gpus=int(raw.get("max_gpus_per_job", 8)),
@@ -104,8 +112,8 @@ class SiliconFlowProvider(Provider):
             return False, str(exc)
         if not self.api_key:
             return False, (f"no SILICONFLOW_API_KEY (needed only to launch, not built yet): "
-                           f"quoting GPU prices from snapshot {snap.as_of}")
-        return True, f"SILICONFLOW_API_KEY set; prices from snapshot {snap.as_of} (launching is not built yet)"
+                           f"quoting {_prices(snap)}")
+        return True, f"SILICONFLOW_API_KEY set; {_prices(snap)} (launching is not built yet)"
 
     def _count(self, spec: dict[str, Any]) -> int:
         return max(1, int((spec.get("resources") or {}).get("gpus", 1)))
@@ -143,6 +151,7 @@ class SiliconFlowProvider(Provider):
                 startup_s=snap.startup_s,
                 price_source=PriceSource.SNAPSHOT,
                 price_date=snap.as_of,
+                price_verified=snap.verified,
                 extra=(("usd_per_gpu_hour", g.usd_per_gpu_hour), ("price_source_note", snap.source)),
             )
             for g in snap.gpus

@@ -104,6 +104,7 @@ class _Tier:
 class _Snapshot:
     as_of: str
     source: str
+    verified: bool  # someone checked these prices against the provider's own list (else a placeholder)
     minimum_usd: float
     tiers: tuple[_Tier, ...]
     models: tuple[_Model, ...]
@@ -130,6 +131,7 @@ def load_snapshot(path: Path = SNAPSHOT_PATH) -> _Snapshot:
         return _Snapshot(
             as_of=str(raw["as_of"]),
             source=str(raw["source"]),
+            verified=bool(raw.get("verified")),
             minimum_usd=float(raw.get("minimum_charge_usd", 0.0)),
             tiers=tuple(
                 _Tier(str(t["name"]), float(t["max_params_b"]), float(t["lora"]), float(t["full"]))
@@ -249,7 +251,9 @@ class TogetherProvider(Provider):
             snap = self._snapshot()
         except ProviderUnavailable as exc:
             return False, str(exc)
-        published = f"quoting published per-token prices from {snap.as_of}"
+        published = (f"quoting per-token prices from a snapshot verified {snap.as_of}" if snap.verified else
+                     f"quoting PLACEHOLDER per-token prices ({snap.as_of}, recalled, not verified; "
+                     "shown with offers --all only)")
         if not self.api_key:
             return False, f"no TOGETHER_API_KEY: {published}"
         with self._lock:
@@ -320,6 +324,7 @@ class TogetherProvider(Provider):
             startup_s=QUEUE_S,
             price_source=source,
             price_date=price_date,
+            price_verified=source is not PriceSource.SNAPSHOT or snap.verified,
             usd_total=usd,
             hours=train_h,
             extra=tuple(extra),

@@ -151,7 +151,7 @@ def hazard_per_hour(reliability: float, interruptible: bool) -> float:
     return -math.log(r) / RELIABILITY_WINDOW_H + (OUTBID_PER_HOUR if interruptible else 0.0)
 
 
-def to_offer(raw: Any, *, interruptible: bool, source: PriceSource, price_date: str) -> Offer:
+def to_offer(raw: Any, *, interruptible: bool, source: PriceSource, price_date: str, verified: bool = True) -> Offer:
     """Map one API offer; raises KeyError/ValueError/TypeError when it is malformed."""
     if not isinstance(raw, dict):
         raise TypeError("offer is not an object")
@@ -188,6 +188,7 @@ def to_offer(raw: Any, *, interruptible: bool, source: PriceSource, price_date: 
         startup_s=BASE_STARTUP_S + IMAGE_MB * 8.0 / max(inet_down, 10.0),
         price_source=source,
         price_date=price_date,
+        price_verified=verified,
         extra=(
             ("inet_down_mbps", inet_down),
             ("inet_up_mbps", inet_up),
@@ -329,6 +330,7 @@ class VastProvider(Provider):
             data = json.loads(self.snapshot_path.read_text(encoding="utf-8"))
             date = str(data["date"])
             raws = data["offers"]
+            verified = bool(data.get("verified"))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ProviderUnavailable(f"Vast.ai snapshot {self.snapshot_path} unreadable: {exc}") from None
         offers: list[Offer] = []
@@ -337,7 +339,8 @@ class VastProvider(Provider):
                 if bid and not (isinstance(raw, dict) and raw.get("min_bid")):
                     continue
                 try:
-                    offers.append(to_offer(raw, interruptible=bid, source=PriceSource.SNAPSHOT, price_date=date))
+                    offers.append(to_offer(raw, interruptible=bid, source=PriceSource.SNAPSHOT, price_date=date,
+                                           verified=verified))
                 except (KeyError, ValueError, TypeError):
                     continue
         return offers, date
@@ -362,7 +365,7 @@ class VastProvider(Provider):
             if key is None:
                 return False, (
                     "no Vast.ai API key (set VAST_API_KEY or ~/.config/vastai/vast_api_key); "
-                    f"showing snapshot prices from {self.snapshot_date()}"
+                    f"showing snapshot prices (verified {self.snapshot_date()}; ids are made up: quotes only)"
                 )
             with self._lock:
                 last = self._status
@@ -386,7 +389,7 @@ class VastProvider(Provider):
             self._status = (time.monotonic() + ttl, *status)
 
     def _failure_status(self, exc: _Degraded) -> tuple[bool, str]:
-        tail = f"; showing snapshot prices from {self.snapshot_date()}"
+        tail = f"; showing snapshot prices (verified {self.snapshot_date()}; ids are made up: quotes only)"
         if exc.rejected:
             return False, f"{exc.reason}: check VAST_API_KEY{tail}"
         return False, f"degraded: {exc.reason}{tail}"

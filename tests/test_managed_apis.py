@@ -194,7 +194,9 @@ def test_lora_on_listed_model_is_priced_from_the_snapshot_without_a_key(together
     assert o.startup_s > 0
     assert o.usd_per_hour == pytest.approx(o.usd_total / (o.hours + o.startup_s / 3600))
     date = TOGETHER_SNAPSHOT["as_of"]
-    assert provider.check() == (False, f"no TOGETHER_API_KEY: quoting published per-token prices from {date}")
+    assert provider.check() == (False, f"no TOGETHER_API_KEY: quoting PLACEHOLDER per-token prices ({date}, "
+                                       "recalled, not verified; shown with offers --all only)")
+    assert o.placeholder and o.provenance == "placeholder"  # the snapshot says it is a recollection
     assert together_api.requests == []  # no key: nothing is sent anywhere
     assert provider.unsupported_reason(spec) is None
     assert not provider.launchable

@@ -294,7 +294,7 @@ def test_no_key_uses_snapshot_and_says_why(server: VastServer, monkeypatch: pyte
     assert prov.check() == (
         False,
         "no Vast.ai API key (set VAST_API_KEY or ~/.config/vastai/vast_api_key); "
-        f"showing snapshot prices from {SNAPSHOT_DATE}",
+        f"showing snapshot prices (verified {SNAPSHOT_DATE}; ids are made up: quotes only)",
     )
 
 
