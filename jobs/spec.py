@@ -867,9 +867,40 @@ def _describe(err: Mapping[str, Any]) -> tuple[_Path, str]:
     if kind == "missing":
         return loc, _MISSING
     msg = str(err.get("msg") or "is invalid")
+    if kind in _NUMBER_ERRORS and (allowed := _allowed_range(loc)):
+        msg = f"{msg}; allowed: {allowed}"
     if kind in _OWN_ERRORS or not _short(err.get("input")):
         return loc, msg
     return loc, f"{msg} (got {err.get('input')!r})"
+
+
+# pydantic's messages for a number it could not take say what went wrong, not what is allowed
+_NUMBER_ERRORS = frozenset({"int_parsing_size", "int_from_float", "int_parsing", "int_type", "float_parsing",
+                            "float_type", "finite_number"})
+
+
+def _allowed_range(loc: _Path) -> str | None:
+    """"at least A and at most B" for a bounded numeric field at ``loc`` (from its Field constraints)."""
+    model: Any = JobSpec
+    info = None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        info = model.model_fields[part]
+        model = _model_in(info.annotation)
+    if info is None:
+        return None
+    parts = []
+    for m in info.metadata:
+        if getattr(m, "ge", None) is not None:
+            parts.append(f"at least {m.ge}")
+        if getattr(m, "gt", None) is not None:
+            parts.append(f"more than {m.gt}")
+        if getattr(m, "le", None) is not None:
+            parts.append(f"at most {m.le}")
+    return " and ".join(parts) or None
 
 
 _OWN_ERRORS = frozenset({"dataset_path", "store_uri", "job_name", "vram", "bf16", "base_model", _RULE_ERROR})

@@ -315,6 +315,14 @@ class WatchMixin:
         if status.state is RunState.EXITED:
             if status.detail != "reported by the payload" and status.ended_at is None:
                 self._seen[att.id] = now  # the provider sees the machine: it bills until we destroy it
+            if (progress or {}).get("exit_code") is None and att.id not in self._reread:
+                # the poll saw the exit before we read the payload's last word (its final checkpoint,
+                # step and loss): read progress.json once more before ending it
+                self._reread.add(att.id)
+                job_store = self._ckpt_store(job)
+                self.calls.start("store", ("progress", att.id), job_store.read_json, job.id, "progress.json",
+                                 timeout_s=self.config.call_timeout_s)
+                return
             reason, text = classify_exit(status.exit_code)
             final = None
             if reason is EndReason.FINISHED:

@@ -241,6 +241,11 @@ def test_sigterm_to_a_budget_stop_and_a_cancel_are_told_apart(world):
     att = store.attempts_for(job)[-1]
     assert att.end_code is EndReason.BUDGET_STOP and att.state is AttemptState.CANCELLED
     assert att.exit_code == 76  # the payload saw the control object, saved and left
+    # status shows the checkpoint the stop saved: the newest committed one, where a resume starts
+    from infra.storage import open_store
+
+    latest = open_store(row.spec["checkpoint"]["store"]).latest_checkpoint(job)
+    assert latest is not None and row.checkpoint_step == latest.step == att.end_step
     assert 0 < store.spend_total(job) <= 0.5
     assert [e.kind for e in store.events(job)].count("budget_stop") == 1
 
