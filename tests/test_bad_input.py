@@ -421,3 +421,48 @@ def test_logs_follow_waits_for_a_queued_job(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert "waiting for its first attempt" in err and "Traceback" not in err
     assert proc.returncode == 1 and "has no attempt yet" in err  # the job ended before it ever ran
+
+
+def test_a_sweep_over_its_trial_limit_is_refused_unless_raised(tmp_path, home, capfd):
+    (tmp_path / "data.jsonl").write_text(ALPACA)
+    (tmp_path / "base.yaml").write_text(job())
+    grid = {"learning_rate": {"values": [1e-4 * (i + 1) for i in range(60)]},
+            "lora_r": {"values": list(range(1, 61))}}
+    sweep = {"name": "big", "base": "base.yaml", "search": grid, "budget_usd": 1.0}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    code, out, err = cli(capfd, "sweep", str(tmp_path / "sweep.yaml"))
+    assert code == 2 and "3600 trials (the grid has 3600 combinations) is over max_trials 256" in err
+    assert "raise max_trials" in err and untouched(home)
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({**sweep, "trials": 5}))
+    code, out, err = cli(capfd, "sweep", str(tmp_path / "sweep.yaml"), "--json")
+    assert code == 0, err
+    assert len(json.loads(_jobs_json(capfd, home))) == 5
+
+
+def _jobs_json(capfd, home: Path) -> str:
+    code, out, err = cli(capfd, "status", "--json")
+    assert code == 0, err
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_generated_job_files_through_the_cli_exit_0_or_2_without_a_traceback(data, tmp_path_factory, capfd):
+    tmp = tmp_path_factory.mktemp("cli")
+    (tmp / "data.jsonl").write_text(ALPACA)
+    doc = json.loads(json.dumps(BASE))
+    doc[data.draw(st.sampled_from(JOB_KEYS))] = data.draw(values)
+    try:
+        (tmp / "job.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True))
+    except yaml.YAMLError:
+        return
+    old = os.environ.get("TUNEFLEET_HOME")
+    os.environ["TUNEFLEET_HOME"] = str(tmp / "home")
+    try:
+        code, out, err = cli(capfd, "validate", str(tmp / "job.yaml"))
+    finally:
+        if old is None:
+            os.environ.pop("TUNEFLEET_HOME", None)
+        else:
+            os.environ["TUNEFLEET_HOME"] = old
+    assert code in (0, 2) and "Traceback" not in out + err and "internal error" not in err, err
