@@ -130,16 +130,20 @@ class PlacingMixin:
         keys, names = self._ask_offers(job, est)
         self._wait(keys)
         ttl = self.clock() + self.config.scaled(RECHECK_S)
+        asking = False
         for key in keys[:-1]:  # keep every answer that came, even if another is still awaited
             name = key[1]
             done, result, err = self.calls.take(key)
-            if done and err is None:
+            if not done:  # within its deadline (an overdue call comes back done, as a CallTimeout)
+                asking = True  # judged by this take alone: a call that finishes just after it is
+                # still in flight, taken next time, never skipped as if it had been taken
+            elif err is None:
                 self._offer_cache[(name, key[2])] = (ttl, list(result))
                 self.health.success(name, kind="offers")
-            elif err is not None:
+            else:
                 self._offers_failed(name, err)
-        mono = self.calls.clock()
-        if any((c := self.calls.get(k)) is not None and not c.done and not c.overdue(mono) for k in keys):
+        read = self.calls.get(keys[-1])  # the checkpoint read: taken below only once it is done
+        if asking or (read is not None and not read.done and not read.overdue(self.calls.clock())):
             return False  # still asking: decided when every answer is in (or late)
         shape = self._shape(job, est)
         offers: list[Any] = []

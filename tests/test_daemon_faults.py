@@ -192,6 +192,44 @@ def test_a_job_that_can_never_run_fails_at_once_with_the_reason(world):
     assert [e.data.get("code") for e in store.events(cuda) if e.kind == "failed"] == ["no_offer"]
 
 
+def test_an_answer_that_lands_just_after_the_daemon_looked_is_waited_for_not_skipped(world):
+    """The one provider that fits answers in the instant between the daemon's look at its call (not
+    done yet) and the decision; the answer is taken on the next look, and the job is never refused
+    for lack of an offer that was on its way (a race the chaos test once hit on a loaded machine)."""
+    import threading
+
+    _, cfg, store = world
+    fits = w.provider(Faults.none(), name="fits")
+    dear = w.provider(Faults.none(), name="dear", usd_per_hour=1000.0)  # every offer over the job's cap
+    d = w.Daemon(store, cfg, {"fits": fits, "dear": dear})
+    gate = threading.Event()
+    answer = fits.offers
+
+    def slow_offers(spec, estimate=None):
+        gate.wait(10)
+        return answer(spec, estimate)
+
+    fits.offers = slow_offers
+    take = d.calls.take
+
+    def take_then_finish(key):
+        out = take(key)
+        if key[:2] == ("offers", "fits") and not out[0] and not gate.is_set():
+            gate.set()  # the worker finishes right after the look, before the decision
+            d.calls.get(key).future.result(timeout=10)
+        return out
+
+    d.calls.take = take_then_finish
+    job = w.submit(store, cfg, max_usd_per_hour=100.0)
+    d.tick()
+    assert gate.is_set()  # the race happened
+    row = store.get_job(job)
+    assert row.state is JobState.QUEUED, row.reason  # not refused for want of the offer on its way
+    d.run(until_idle=True, max_seconds=60)
+    assert store.get_job(job).state is JobState.SUCCEEDED
+    assert {a.provider for a in store.attempts_for(job)} == {"fits"}
+
+
 def test_one_jobs_broken_store_fails_that_job_alone(world, moto_server):  # noqa: F811
     _, cfg, store = world
     with aws_env(AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s", AWS_DEFAULT_REGION="us-east-1",
