@@ -27,9 +27,9 @@ A sweep file::
 from __future__ import annotations
 
 import difflib
-import itertools
 import math
 import random
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,10 +47,10 @@ class SweepError(ValueError):
 
 
 class Param(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     values: list[Any] | None = Field(None, min_length=1, max_length=10_000)
     uniform: tuple[float, float] | None = None
     log_uniform: tuple[float, float] | None = None
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     int: bool = False
 
     @model_validator(mode="after")
@@ -133,18 +133,14 @@ def load_sweep(path: Path) -> tuple[SweepSpec, dict[str, Any]]:
                 msg = f"unknown key{f' (did you mean {close[0]!r}?)' if close else ''}"
             lines.append(f"{path}: {loc}: {msg}")
         raise SweepError("\n".join(lines)) from None
-    grid = math.prod(len(p.values) for p in sweep.search.values() if p.values is not None)
-    n_trials = sweep.trials or grid  # as expand() counts them, without building them
-    if all(p.grid for p in sweep.search.values()):
-        n_trials = min(n_trials, grid)
+    grid = _grid_size(sweep)
+    n_trials = trial_count(sweep)
     if n_trials > sweep.max_trials:
         why = f"the grid has {grid} combinations" if sweep.trials is None else f"trials: {sweep.trials}"
         raise SweepError(f"{path}: search: {n_trials} trials ({why}) is over max_trials {sweep.max_trials}: set "
                          f"trials: to sample fewer, or raise max_trials (up to {MAX_TRIALS_CEILING}) if you mean it")
     base_path = (Path(path).parent / sweep.base).resolve()
     try:
-        import time
-
         from providers.registry import PROVIDERS
 
         base = load_job_file(base_path, known_providers=PROVIDERS, now=time.time()).to_payload_dict()
@@ -169,17 +165,33 @@ def load_sweep(path: Path) -> tuple[SweepSpec, dict[str, Any]]:
     return sweep, base
 
 
+def _grid_size(sweep: SweepSpec) -> int:
+    return math.prod(len(p.values) for p in sweep.search.values() if p.values is not None)
+
+
+def trial_count(sweep: SweepSpec) -> int:
+    """How many trials ``expand`` makes: ``trials`` (at most the grid when every parameter is a
+    grid), else the whole grid. Counted without building them."""
+    grid = _grid_size(sweep)
+    n = sweep.trials or grid
+    return min(n, grid) if all(p.grid for p in sweep.search.values()) else n
+
+
 def expand(sweep: SweepSpec) -> list[dict[str, Any]]:
-    """Every trial's parameters: the grid's product, with random parameters sampled per trial."""
+    """Every trial's parameters: the grid's product (in ``itertools.product`` order, cycled), with
+    random parameters sampled per trial. Only the trials asked for are built, not the whole grid."""
     grid_keys = sorted(k for k, p in sweep.search.items() if p.grid)
-    combos = list(itertools.product(*(sweep.search[k].values for k in grid_keys))) or [()]
     random_keys = sorted(k for k, p in sweep.search.items() if not p.grid)
-    n = sweep.trials or len(combos)
-    if not random_keys:
-        n = min(n, len(combos))
+    grid = _grid_size(sweep)
     trials = []
-    for i in range(n):
-        params = dict(zip(grid_keys, combos[i % len(combos)], strict=True))
+    for i in range(trial_count(sweep)):
+        params: dict[str, Any] = {}
+        rest = i % grid
+        for key in reversed(grid_keys):  # mixed radix: the last key varies fastest, as in product()
+            values = sweep.search[key].values
+            rest, idx = divmod(rest, len(values))
+            params[key] = values[idx]
+        params = {key: params[key] for key in grid_keys}
         rnd = random.Random(f"{sweep.seed}:{i}")
         for key in random_keys:
             params[key] = sweep.search[key].sample(rnd)

@@ -439,6 +439,16 @@ def test_a_sweep_over_its_trial_limit_is_refused_unless_raised(tmp_path, home, c
     assert len(json.loads(_jobs_json(capfd, home))) == 5
 
 
+def test_a_sampled_sweep_over_a_huge_grid_builds_only_its_trials():
+    from orchestrator.sweep import SweepSpec, expand, trial_count
+
+    values = list(range(10_000))  # 10^12 combinations: building the grid first would never finish
+    sweep = SweepSpec.model_validate({"name": "huge", "base": "base.yaml", "budget_usd": 1.0, "trials": 4,
+                                      "search": {k: {"values": values} for k in ("a", "b", "c")}})
+    assert trial_count(sweep) == 4
+    assert expand(sweep) == [{"a": 0, "b": 0, "c": c} for c in range(4)]  # itertools.product's order
+
+
 def _jobs_json(capfd, home: Path) -> str:
     code, out, err = cli(capfd, "status", "--json")
     assert code == 0, err
