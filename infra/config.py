@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -46,6 +47,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 PROVIDER_NAMES = ("local", "vast", "skypilot", "together", "siliconflow")  # every provider tunefleet knows
 MAX_CONFIG_BYTES = 1 << 20
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest of ``choices``, or ''."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknown_provider(name: str, known: Iterable[str] = PROVIDER_NAMES) -> str:
+    """The one message for a provider name tunefleet does not know (job files, config, CLI)."""
+    known = tuple(known)
+    return f"unknown provider {name!r}{did_you_mean(name, known)}; known: {', '.join(known)}"
 
 
 class ConfigError(ValueError):
@@ -159,9 +172,7 @@ class Settings(BaseModel):
     def _known_providers(cls, value: dict[str, int]) -> dict[str, int]:
         for name in value:
             if name not in PROVIDER_NAMES:
-                close = difflib.get_close_matches(name, PROVIDER_NAMES, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"unknown provider {name!r}{hint}; known: {', '.join(PROVIDER_NAMES)}")
+                raise ValueError(unknown_provider(name))
         return value
 
 
@@ -211,8 +222,7 @@ def _explain(err: dict[str, Any], path: Path, source: dict[str, str]) -> str:
     key = str(err["loc"][0]) if err["loc"] else ""
     where = source.get(key, str(path))
     if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(key, list(Settings.model_fields), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"{where}: unknown setting {key!r}{hint}; known: {', '.join(sorted(Settings.model_fields))}"
+        return (f"{where}: unknown setting {key!r}{did_you_mean(key, Settings.model_fields)}; "
+                f"known: {', '.join(sorted(Settings.model_fields))}")
     msg = err["msg"].removeprefix("Value error, ")
     return f"{where}: {loc}: {err.get('input')!r} is not allowed: {msg}"

@@ -23,7 +23,6 @@ every start, and the orchestrator must never pull in torch.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
@@ -47,6 +46,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from infra.config import did_you_mean, unknown_provider
 
 __all__ = [
     "BUILTIN_TINY_MODEL",
@@ -628,11 +629,11 @@ def _load(text: str, base_dir: str | os.PathLike[str] | None, source: str, check
     if check_files:
         problems.extend(_check_contents(data, warnings if warnings is not None else []))
     if known_providers is not None:
-        problems.extend(_check_providers(data, frozenset(known_providers)))
+        problems.extend(_check_providers(data, tuple(known_providers)))
     if now is not None and spec is not None and spec.policy.deadline is not None \
             and spec.policy.deadline.timestamp() <= now:
-        problems.append((("policy", "deadline"), f"{spec.policy.deadline.isoformat()} is already past; "
-                         "set a later deadline, or remove it"))
+        past = f"{spec.policy.deadline.isoformat()} is already past; set a later deadline, or remove it"
+        problems.append((("policy", "deadline"), past))
 
     if problems or duplicates or spec is None:
         raise JobFileError(source, _finish(problems, lines, duplicates))
@@ -830,22 +831,18 @@ def _check_contents(data: Mapping[Any, Any], warnings: list[str]) -> list[tuple[
         if known is not None:
             arch, names = known
             for m in checks.unknown_modules(modules, names):
-                close = difflib.get_close_matches(m, names, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                problems.append((("lora_target_modules", modules.index(m)),
-                                 f"{m!r} is not a module of this {arch} model{hint}; it has {', '.join(names)}"))
+                why = f"{m!r} is not a module of this {arch} model{did_you_mean(m, names)}; it has {', '.join(names)}"
+                problems.append((("lora_target_modules", modules.index(m)), why))
     return problems
 
 
-def _check_providers(data: Mapping[Any, Any], known: frozenset[str]) -> list[tuple[_Path, str]]:
+def _check_providers(data: Mapping[Any, Any], known: tuple[str, ...]) -> list[tuple[_Path, str]]:
     policy = data.get("policy")
     names = policy.get("providers") if isinstance(policy, dict) else None
     out: list[tuple[_Path, str]] = []
     for i, name in enumerate(names if isinstance(names, list) else ()):
         if isinstance(name, str) and name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            out.append((("policy", "providers", i), f"unknown provider {name!r}{hint}; known: {', '.join(sorted(known))}"))
+            out.append((("policy", "providers", i), unknown_provider(name, known)))
     return out
 
 
@@ -911,10 +908,7 @@ def _short(value: object) -> bool:
 
 
 def _unknown_key_message(key: str, fields: list[str]) -> str:
-    close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
-    if close:
-        return f"unknown key {key!r} (did you mean {close[0]!r}?)"
-    return f"unknown key {key!r}"
+    return f"unknown key {key!r}{did_you_mean(key, fields)}"
 
 
 def _fields_at(loc: _Path) -> list[str]:

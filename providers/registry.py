@@ -8,12 +8,11 @@ one provider failing or hanging degrades to a warning: the others still answer (
 from __future__ import annotations
 
 import concurrent.futures as cf
-import difflib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from infra.config import PROVIDER_NAMES, Config
+from infra.config import PROVIDER_NAMES, Config, unknown_provider
 from providers.base import Offer, Provider, ProviderError, ProviderNotConfigured
 
 PROVIDERS = PROVIDER_NAMES  # the config validates provider_limits against the same names
@@ -73,9 +72,7 @@ def check_names(names: Iterable[str]) -> None:
     """Raise UnknownProvider with a did-you-mean for any name tunefleet does not know."""
     for name in names:
         if name not in _BUILDERS:
-            close = difflib.get_close_matches(name, PROVIDERS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UnknownProvider(f"unknown provider {name!r}{hint}; known: {', '.join(PROVIDERS)}")
+            raise UnknownProvider(unknown_provider(name, PROVIDERS))
 
 
 def build_providers(
