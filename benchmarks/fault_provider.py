@@ -20,6 +20,9 @@ Each call draws its fate from a seeded RNG (``Faults``: one probability per faul
   payload saves at the step it is on and exits 75) or without (capacity lost: work since the last
   checkpoint is gone);
 - ``cancel``: transient error, a hang.
+A drill-only class, ``killed_after_commit`` (not in ``Faults.uniform``): the machine is lost the
+instant a checkpoint commits, before the payload's next progress write, as a real payload (whose
+progress writes trail its commits) can be.
 Counters record what was injected and what the machines did (``rented_s`` per attempt: the
 provider's own bill, to compare with the daemon's ledger).
 """
@@ -239,6 +242,9 @@ class FaultProvider(Provider):
             m.step += 1
             if m.step % m.save_steps == 0 or m.step >= m.steps:
                 self._commit(m)
+                if m.committed == m.step < m.steps and self._roll("killed_after_commit"):
+                    m.state, m.ended, m.reclaimed = "lost", time.time(), True  # before its progress write
+                    return
             if m.step >= m.steps:
                 try:
                     m.store.commit_final(m.job_id, self._adapter, meta={"step": m.step, "final_loss": 1.0})

@@ -119,7 +119,8 @@ class Daemon(WatchMixin, EndingMixin, PlacingMixin):
         self._control: dict[str, dict[str, Any]] = {}  # attempt id -> control object written last
         self._seen: dict[str, float] = {}  # attempt id -> sign of life this tick (flushed once)
         self._cancelling: dict[str, float] = {}  # attempt id -> when this daemon first tried to cancel it
-        self._reread: set[str] = set()  # attempts seen exited whose last progress is being read again
+        self._reread: set[str] = set()  # attempts ended without a word from their payload: reads started
+        self._newest: dict[str, int | None] = {}  # ... and the newest committed checkpoint step those found
         self._unopened: set[str] = set()  # providers whose open() failed: tried again later
         self._offer_cache: dict[tuple[str, str], tuple[float, list]] = {}  # (provider, job shape) -> (until, offers)
         self._store_tries: dict[str, int] = {}  # job id -> its store's unanswered reads in a row
@@ -157,6 +158,7 @@ class Daemon(WatchMixin, EndingMixin, PlacingMixin):
         for cache in (self._progress, self._control, self._seen, self._cancelling):
             cache.pop(attempt_id, None)
         self._reread.discard(attempt_id)
+        self._newest.pop(attempt_id, None)
 
     def _tick_s(self) -> float:
         """How long the loop takes to come round (measured; at least the poll interval)."""

@@ -59,6 +59,9 @@ class EndingMixin:
         cost = spending.spend(att, until) if att.usd_per_hour > 0 and billed else None
         checkpoint_step = progress.get("checkpoint_step") if progress else job.checkpoint_step
         end_step = int(progress.get("step") or checkpoint_step or att.start_step)
+        newest = self._newest.get(att.id)  # committed after the payload's last progress write, if so
+        if newest is not None and newest > (checkpoint_step or 0):
+            checkpoint_step, end_step = newest, max(end_step, newest)
         full = text
         if rule.attempt_state is AttemptState.FAILED and (tail := log_tail(att.log_path)):
             full = f"{text}\n--- last lines of {att.log_path} ---\n{tail}"

@@ -315,13 +315,7 @@ class WatchMixin:
         if status.state is RunState.EXITED:
             if status.detail != "reported by the payload" and status.ended_at is None:
                 self._seen[att.id] = now  # the provider sees the machine: it bills until we destroy it
-            if (progress or {}).get("exit_code") is None and att.id not in self._reread:
-                # the poll saw the exit before we read the payload's last word (its final checkpoint,
-                # step and loss): read progress.json once more before ending it
-                self._reread.add(att.id)
-                job_store = self._ckpt_store(job)
-                self.calls.start("store", ("progress", att.id), job_store.read_json, job.id, "progress.json",
-                                 timeout_s=self.config.call_timeout_s)
+            if not self._last_word(att, job, progress):
                 return
             reason, text = classify_exit(status.exit_code)
             final = None
@@ -332,6 +326,8 @@ class WatchMixin:
             self._end(att, job, reason, text, exit_code=status.exit_code, watched=False, final=final,
                       ended_at=status.ended_at)
             return
+        if not self._last_word(att, job, progress):
+            return
         cause = EndReason.PREEMPTED if status.cause == "preempted" else EndReason.LOST
         # gone because this daemon destroyed it (a cancel it started): it cost money until then
         ours = att.id in self._cancelling or self.calls.get(("cancel", att.id)) is not None
@@ -340,6 +336,33 @@ class WatchMixin:
             done, _, err, call = self.calls.take_call(("cancel", att.id))
             ended = call.finished_at if done and err is None and call is not None else None
         self._end(att, job, cause, status.detail or "capacity lost", watched=ours, ended_at=ended)
+
+    def _last_word(self, att: AttemptRow, job: JobRow, progress: dict[str, Any] | None) -> bool:
+        """Before ending an attempt whose payload did not report its own exit (killed, reclaimed,
+        or its exit seen by the poll first): read progress.json and the newest committed checkpoint
+        once more, so its end step and checkpoint are the store's last word. The payload writes
+        progress at most twice a second, and after a checkpoint commits, so a kill can leave
+        progress.json steps behind the newest checkpoint. True once read (or past the read's
+        deadline); False while the reads are in flight (the attempt is looked at again next tick)."""
+        if (progress or {}).get("exit_code") is not None or att.id in self._newest:
+            return True
+        key = ("newest", att.id)
+        if att.id not in self._reread:
+            self._reread.add(att.id)
+            ckpt = self._ckpt_store(job)
+            self.calls.start("store", ("progress", att.id), ckpt.read_json, job.id, "progress.json",
+                             timeout_s=self.config.call_timeout_s)
+            self.calls.start("store", key, ckpt.latest_checkpoint, job.id, timeout_s=self.config.call_timeout_s)
+            return False
+        done, ref, err = self.calls.take(key)
+        if not done and self.calls.get(key) is not None:
+            return False
+        found = ref if err is None and ref is not None else None
+        self._newest[att.id] = None if found is None else found.step
+        if found is not None and found.step > (job.checkpoint_step or 0):  # status shows it, too
+            self.store.update_progress(job.id, step=max(job.step, found.step), total_steps=job.total_steps,
+                                       loss=job.loss, checkpoint_step=found.step, checkpoint_uri=found.uri)
+        return True
 
     def _unknown(self, att: AttemptRow, job: JobRow, why: str) -> None:
         """The provider cannot tell: note since when; past ``unknown_timeout_s`` the attempt is

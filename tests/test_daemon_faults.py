@@ -145,7 +145,10 @@ def test_a_dead_daemon_bills_nothing_for_a_payload_that_died_with_it(world):
     now[0] += 2000.0
     d2 = w.daemon(store, cfg, prov)
     d2.clock = lambda: now[0]
-    d2.tick()
+    for _ in range(50):  # it reads the payload's last word (progress, newest checkpoint) first
+        d2.tick()
+        if store.get_attempt(att.id).state.terminal:
+            break
     ended = store.get_attempt(att.id)
     assert ended.end_code is EndReason.LOST
     billed = store.spend_total(job)
@@ -228,6 +231,30 @@ def test_an_answer_that_lands_just_after_the_daemon_looked_is_waited_for_not_ski
     d.run(until_idle=True, max_seconds=60)
     assert store.get_job(job).state is JobState.SUCCEEDED
     assert {a.provider for a in store.attempts_for(job)} == {"fits"}
+
+
+def test_a_payload_killed_between_a_commit_and_its_progress_write_ends_at_that_checkpoint(world):
+    """progress.json trails the newest checkpoint when the machine dies right after a commit: the
+    attempt's end step and the job's checkpoint are the store's, so the next attempt never starts
+    past where the last one is recorded to have ended."""
+    _, cfg, store = world
+    prov = w.provider(Faults({"killed_after_commit": 1.0}), steps_per_poll=3)
+    d = w.daemon(store, cfg, prov)
+    job = w.submit(store, cfg, max_steps=40, save_steps=10)
+    deadline = time.monotonic() + 60
+    while not store.attempts_for(job) or not store.attempts_for(job)[0].state.terminal:
+        assert time.monotonic() < deadline
+        d.tick()
+    first = store.attempts_for(job)[0]
+    assert first.end_code is EndReason.PREEMPTED
+    progress = store.get_job(job)
+    assert (first.end_step, progress.checkpoint_step) == (10, 10)  # progress.json still said step 9
+    assert progress.checkpoint_uri and progress.checkpoint_uri.rstrip("/").endswith("10")
+    prov.faults = Faults.none()
+    d.run(until_idle=True, max_seconds=60)
+    attempts = store.attempts_for(job)
+    assert store.get_job(job).state is JobState.SUCCEEDED
+    assert attempts[1].start_step == first.end_step == 10
 
 
 def test_one_jobs_broken_store_fails_that_job_alone(world, moto_server):  # noqa: F811
