@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 import providers.skypilot as sp
+import providers.skypilot.offers as sp_offers  # where sky_version and list_cloud are looked up
 from providers.base import PriceSource, ProviderUnavailable
 from tests.skypilot_catalog import sample_rows, write_catalog
 
@@ -61,7 +62,7 @@ def test_import_does_not_import_sky():
 
 
 def test_not_installed_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(sp, "sky_version", lambda: None)
+    monkeypatch.setattr(sp_offers, "sky_version", lambda: None)
     p = sp.SkyPilotProvider()
     assert p.check() == (False, "SkyPilot is not installed: pip install 'tunefleet[sky]'")
     with pytest.raises(ProviderUnavailable, match="not installed"):
@@ -107,7 +108,7 @@ def test_a_hung_catalog_read_is_abandoned_not_waited_for(tmp_path, monkeypatch):
         release.wait(30)
         return []
 
-    monkeypatch.setattr(sp, "list_cloud", hang)
+    monkeypatch.setattr(sp_offers, "list_cloud", hang)
     p = sp.SkyPilotProvider(timeout_s=0.5)
     try:
         for _ in range(2):
@@ -131,7 +132,7 @@ def test_a_failing_cloud_is_skipped_with_its_reason(tmp_path, monkeypatch):
             raise RuntimeError("boom")
         return [("gpu_1x_a100_sxm4", "A100", 1.0, 30.0, 200.0, 40.0, 1.29, None, "us-east-1")]
 
-    monkeypatch.setattr(sp, "list_cloud", fake)
+    monkeypatch.setattr(sp_offers, "list_cloud", fake)
     p = sp.SkyPilotProvider()
     offers = p.offers({"resources": {"gpus": 1}}, SimpleNamespace(vram_gb=10))
     assert [o.offer_id for o in offers] == ["lambda/us-east-1/gpu_1x_a100_sxm4"]
