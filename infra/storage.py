@@ -124,6 +124,16 @@ class CheckpointStore(ABC):
     def delete_keys(self, keys: list[str]) -> None:
         """Delete objects; missing ones are ignored (safe to repeat)."""
 
+    def local_path(self, key: str) -> Path | None:
+        """The folder or file holding ``key`` on this machine, for a store that is a local folder
+        (None for object storage, or when nothing is there)."""
+        return None
+
+    def presign_get(self, key: str, expires_s: int) -> str:
+        """A URL anyone holding it may GET ``key`` with for ``expires_s`` (no credentials needed).
+        A local folder answers with its file:// URI: only this machine can read it."""
+        return self.key_uri(key)
+
     @abstractmethod
     def key_uri(self, key: str) -> str:
         """The user-facing URI of a key or prefix."""
@@ -373,12 +383,17 @@ class LocalFolderStore(CheckpointStore):
     def key_uri(self, key: str) -> str:
         return self.root.as_uri() + "/" + key
 
+    def local_path(self, key: str) -> Path | None:
+        path = self._path(key)
+        return path if path.exists() else None
+
 
 SUPPORTED_SCHEMES = ("file", "s3")
 
 
-def open_store(uri: str) -> CheckpointStore:
-    """The store for a URI: ``file:///abs/path`` (or a plain path) or ``s3://bucket/prefix``."""
+def open_store(uri: str, session=None) -> CheckpointStore:
+    """The store for a URI: ``file:///abs/path`` (or a plain path) or ``s3://bucket/prefix``.
+    ``session``: the boto3 session an S3 store takes its credentials from (default: the chain)."""
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         # a file URI is percent-encoded (Path.as_uri() writes a space as %20): decode it
@@ -391,7 +406,7 @@ def open_store(uri: str) -> CheckpointStore:
             from infra.s3 import S3Store
         except ImportError as exc:
             raise StorageError(f"{uri}: the S3 store needs boto3 (pip install 'tunefleet[s3]'): {exc}") from None
-        return S3Store(uri)
+        return S3Store(uri, session=session)
     raise StorageError(
         f"unknown storage scheme {parsed.scheme!r} in {uri!r} (use file:///path or s3://bucket/prefix)"
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -94,8 +95,9 @@ class Estimate:
         }
 
 
-def model_shape(base_model: str) -> ModelShape:
-    """Model size and shape from a local config.json, the built-in tiny model, or the name."""
+def model_shape(base_model: str, staged_config: dict[str, Any] | None = None) -> ModelShape:
+    """Model size and shape from a local config.json (or the copy staged with the job's inputs,
+    once the user's folder may be gone), the built-in tiny model, or the name."""
     from jobs.spec import BUILTIN_TINY_MODEL
 
     if base_model == BUILTIN_TINY_MODEL:
@@ -108,6 +110,11 @@ def model_shape(base_model: str) -> ModelShape:
             cfg = json.loads(cfg_path.read_text())
             return _shape_from_config(cfg)
         except (ValueError, KeyError, TypeError):
+            pass
+    if staged_config:
+        try:
+            return _shape_from_config(staged_config)
+        except (ValueError, KeyError, TypeError, ZeroDivisionError):
             pass
     name = base_model.lower().rsplit("/", 1)[-1]
     m = re.search(r"(?<![\d.])(\d+(?:\.\d+)?)\s*b(?![a-z])", name)
@@ -137,8 +144,10 @@ def _shape_from_config(cfg: dict[str, Any]) -> ModelShape:
     return ModelShape((layers * per_layer + embed) / 1e9, h, layers, vocab, "config.json")
 
 
-def dataset_stats(datasets: list[dict[str, Any]], sequence_len: int, sample_packing: bool) -> tuple[int, float]:
-    """(examples, mean tokens per example). Tokens ~ chars / 4, capped at sequence_len."""
+def dataset_stats(datasets: list[dict[str, Any]], sequence_len: int, sample_packing: bool,
+                  staged: dict[str, Any] | None = None) -> tuple[int, float]:
+    """(examples, mean tokens per example). Tokens ~ chars / 4, capped at sequence_len. A file no
+    longer here is counted from the facts recorded when it was staged (``jobs.inputs``)."""
     examples = 0
     chars = 0
     for ds in datasets:
@@ -146,6 +155,9 @@ def dataset_stats(datasets: list[dict[str, Any]], sequence_len: int, sample_pack
         try:
             st = path.stat()
         except OSError:
+            facts = (staged or {}).get(ds["path"]) or {}
+            examples += int(facts.get("examples") or 0)
+            chars += int(facts.get("chars") or 0)
             continue
         n, c = _file_stats(str(path), st.st_mtime_ns, st.st_size, sequence_len)
         examples += n
@@ -154,6 +166,12 @@ def dataset_stats(datasets: list[dict[str, Any]], sequence_len: int, sample_pack
         return 0, float(sequence_len)
     mean = sequence_len if sample_packing else min(sequence_len, chars / examples / 4)
     return examples, max(1.0, mean)
+
+
+def dataset_stats_of(path: str, sequence_len: int) -> tuple[int, int]:
+    """(examples, chars) of one JSONL file, as ``dataset_stats`` counts them."""
+    st = os.stat(path)
+    return _file_stats(path, st.st_mtime_ns, st.st_size, sequence_len)
 
 
 @lru_cache(maxsize=256)
@@ -176,9 +194,10 @@ def estimate(spec: Any, calibration: dict[str, float] | None = None) -> Estimate
     """
     s = spec if isinstance(spec, dict) else spec.to_payload_dict()
     method = s.get("adapter") or "full"
-    shape = model_shape(s["base_model"])
+    staged = s.get("inputs") or {}
+    shape = model_shape(s["base_model"], (staged.get(s["base_model"]) or {}).get("config"))
     seq, mb, ga = int(s["sequence_len"]), int(s["micro_batch_size"]), int(s["gradient_accumulation_steps"])
-    n_examples, mean_tokens = dataset_stats(s["datasets"], seq, bool(s.get("sample_packing")))
+    n_examples, mean_tokens = dataset_stats(s["datasets"], seq, bool(s.get("sample_packing")), staged)
 
     # weights + optimizer state
     p = shape.params_b

@@ -303,6 +303,23 @@ class DatasetSpec(BaseModel):
         return "messages" if self.type == "chat_template" else "text"
 
 
+class StagedInput(BaseModel):
+    """One local input (a dataset file, a model folder) uploaded to the job's store at submit
+    (``jobs.inputs``): where, its content address, and the facts the daemon's estimate needs once
+    the user's copy is gone. Written by ``submit``, not by hand."""
+
+    model_config = _frozen_config()
+
+    uri: str = Field(min_length=1, max_length=2048)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    kind: Literal["file", "folder"]
+    size: int = Field(ge=0, le=2**50)
+    files: int = Field(ge=1, le=1_000_000)
+    examples: int | None = Field(None, ge=0)
+    chars: int | None = Field(None, ge=0)
+    config: dict[str, Any] | None = None
+
+
 class Resources(BaseModel):
     """What the job needs to run. ``gpus: 0`` means CPU only.
 
@@ -430,6 +447,8 @@ class JobSpec(BaseModel):
     resources: Resources = Field(default_factory=Resources)
     policy: Policy = Field(default_factory=Policy)
     checkpoint: Checkpoint = Field(default_factory=Checkpoint)
+    #: Local inputs staged to the store at submit (original path -> where it went); see jobs.inputs.
+    inputs: dict[str, StagedInput] = Field(default_factory=dict, max_length=1000)
 
     @field_validator("name")
     @classmethod

@@ -11,12 +11,25 @@ from typing import Any
 from infra.config import Config
 
 
-def submit_spec(store, spec, config: Config, priority: int | None = None) -> str:
+def submit_spec(store, spec, config: Config, priority: int | None = None, progress=None) -> str:
     """Queue a validated JobSpec. The checkpoint store is fixed at submit time (default filled in),
-    so every attempt of the job, wherever it runs, reads and writes the same place."""
+    so every attempt of the job, wherever it runs, reads and writes the same place; the job's local
+    inputs are uploaded there first (``jobs.inputs``), so nothing it needs stays in the user's
+    folder. Raises ``InputError``/``StorageError`` before anything is queued."""
     doc = spec.to_payload_dict()
     doc["checkpoint"]["store"] = doc["checkpoint"].get("store") or config.default_store
+    doc = stage_inputs(doc, progress)
     return store.submit(doc, name=spec.display_name, priority=spec.priority if priority is None else priority)
+
+
+def stage_inputs(doc: dict[str, Any], progress=None) -> dict[str, Any]:
+    """``doc`` with its local inputs uploaded to its checkpoint store (content-addressed)."""
+    from infra.storage import open_store
+    from jobs.inputs import local_inputs, stage
+
+    if not local_inputs(doc):
+        return doc
+    return stage(doc, open_store(doc["checkpoint"]["store"]), progress)
 
 
 def job_summary(store, job, now: float | None = None) -> dict[str, Any]:
@@ -60,6 +73,8 @@ def submit_sweep(store, path, config: Config) -> str:
 
     sweep, base = load_sweep(path)
     params = expand(sweep)
+    base = stage_inputs({**base, "checkpoint": {**(base.get("checkpoint") or {}),
+                                                "store": (base.get("checkpoint") or {}).get("store") or config.default_store}})
     save_every = (base.get("checkpoint") or {}).get("interval") or base.get("save_steps") or 50
     steps = rungs(sweep, int(base.get("max_steps") or 0), int(save_every)) if base.get("max_steps") else [0]
     first = steps[0] or None

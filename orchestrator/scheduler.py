@@ -186,7 +186,8 @@ class _Policy:
             return None  # a managed API sizes its own hardware and keeps its own checkpoints
         if self.store_local and not offer.on_premises:
             return RejectCode.LOCAL_STORE, (
-                "checkpoints go to a local folder; remote capacity needs checkpoint.store: s3://bucket/prefix")
+                "the job's checkpoints and inputs are in a local folder (file:// store) that a rented machine "
+                "cannot reach; remote capacity needs checkpoint.store: s3://bucket/prefix")
         if offer.cpus and self.cpus > offer.cpus:
             return RejectCode.CPUS, f"needs {self.cpus} CPUs (resources.cpus), has {offer.cpus}"
         if offer.gpu_count == 0:
