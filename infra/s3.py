@@ -165,6 +165,12 @@ class S3Store(CheckpointStore):
     def key_uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self.prefix}{key}"
 
+    @override
+    def presign_get(self, key: str, expires_s: int) -> str:
+        """A presigned GET URL (signed locally with the daemon's credentials; no request is sent)."""
+        return self._client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=int(expires_s))
+
     # ---- object primitives ----
     @override
     def put_file(self, key: str, src: Path) -> None:

@@ -107,6 +107,18 @@ class Offer:
         }
 
 
+@dataclass(frozen=True)
+class Resource:
+    """A machine (instance, cluster, actor) a provider holds that tunefleet started, as the
+    reconciler sees it: found by its ``tf-<attempt>`` name or label."""
+
+    provider: str
+    resource_id: str  # what ``destroy`` takes
+    name: str  # its name or label: ``resource_name(attempt id)`` for the attempt that made it
+    attempt_id: str | None  # read from its name; None when the name does not say
+    detail: str = ""
+
+
 class RunState(StrEnum):
     """What a provider can tell about a launched attempt, mapped from its raw states."""
 
@@ -160,6 +172,12 @@ class LaunchRequest:
         }
 
 
+def scrub_provider_keys(env: dict[str, str]) -> dict[str, str]:
+    """``env`` without any provider's API key (``*_API_KEY``: Vast.ai, Together, SiliconFlow, ...):
+    a payload rents nothing, so it never holds a key that can."""
+    return {k: v for k, v in env.items() if not k.upper().endswith("_API_KEY")}
+
+
 # ---- one error tree; the daemon maps each class to an action ----
 class ProviderError(Exception):
     """Base of every error a provider raises."""
@@ -199,6 +217,10 @@ class Provider(abc.ABC):
 
     name: str
     launchable: bool = True
+    # Hosts run by third parties who can read a machine's environment (a marketplace): attempts
+    # there get only scoped, expiring store credentials (infra.credentials), never static keys
+    # unless the config opts in.
+    marketplace: bool = False
 
     @abc.abstractmethod
     def check(self) -> tuple[bool, str]:
@@ -232,6 +254,19 @@ class Provider(abc.ABC):
     def signal(self, handle: dict[str, Any], hard: bool) -> bool:
         """Deliver a preemption drill (SIGTERM with grace, or SIGKILL). Optional; False = unsupported."""
         return False
+
+    def resource_name(self, attempt_id: str) -> str:
+        """The name or label the machine of ``attempt_id`` carries here (see ``list_resources``)."""
+        return attempt_id
+
+    def list_resources(self) -> list[Resource] | None:
+        """Every machine this provider holds that tunefleet started (named ``tf-<attempt>``), for
+        the reconciler; None when this provider cannot list them. Raises ProviderError subclasses."""
+        return None
+
+    def destroy(self, resource_id: str) -> None:
+        """Destroy one machine ``list_resources`` named. Idempotent; raises ProviderError."""
+        raise LaunchFailed(f"{self.name} cannot destroy machines by id")
 
     def release(self, handle: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Free bookkeeping after the daemon has recorded an attempt's end. Idempotent."""

@@ -42,7 +42,7 @@ def _local(config: Config, light: bool) -> Provider:
 def _vast(config: Config, light: bool) -> Provider:
     from providers.vast import VastProvider
 
-    return VastProvider()
+    return VastProvider(image=config.remote_image) if config.remote_image else VastProvider()
 
 
 def _skypilot(config: Config, light: bool) -> Provider:

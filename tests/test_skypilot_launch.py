@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 import providers.skypilot as sp
+from providers.remote import bootstrap_script
 from providers.base import LaunchFailed, LaunchRequest, Offer, PriceSource, RunState, TransientError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,6 +87,9 @@ class FakeSDK:
 
     def down(self, cluster: str, *, timeout: float) -> None:
         return self._answer("down", cluster)
+
+    def clusters(self, *, timeout: float) -> list[Any]:
+        return self._answer("clusters")
 
     def cancel_request(self, request_id: str, *, timeout: float) -> None:
         return self._answer("cancel_request", request_id)
@@ -403,8 +407,9 @@ def test_task_is_real_and_survives_skypilots_yaml_round_trip(sky_results):
         assert got["config"]["resources"]["accelerators"] == accelerators
         assert got["price"] < back["max_hourly_cost"] <= got["price"] * 1.1, key
         assert back["autostop"] == [True, 5, True], key  # autodown: a lost daemon leaks no cluster
-        assert back["run"] == "python -m jobs.train"
-        assert "pip install 'tunefleet[train]'" in back["setup"]
+        assert back["run"] == bootstrap_script()  # the one bootstrap, shared with Vast
+        assert back["setup"] is None
+        assert back["envs"]["TUNEFLEET_PACKAGE"] == "tunefleet[train,s3]"  # no wheel in this request
         assert back["name"] == ATTEMPT and back["disk_size"] == 256
 
 

@@ -34,6 +34,7 @@ from providers.base import (
     RunStatus,
     TransientError,
 )
+from providers.remote import bootstrap_script
 from providers.vast import OUTBID_PER_HOUR, SNAPSHOT_PATH, VastProvider, hazard_per_hour, map_status
 from tests.vast_stub import VastStub, offer_row
 
@@ -428,12 +429,13 @@ def test_bid_rental_rents_the_ask_at_the_bid(stub: VastStub, capfd: pytest.Captu
     assert put.path == "/api/v0/asks/101/" and put.headers["Authorization"] == f"Bearer {KEY}"
     body = put.body
     assert body["price"] == pytest.approx(0.30) == offer.usd_per_hour  # the scheduler's bid
-    assert body["label"] == ATTEMPT and body["client_id"] == "me" and body["disk"] == prov.disk_gb
+    assert body["label"] == f"tf-{ATTEMPT}" and body["client_id"] == "me" and body["disk"] == prov.disk_gb
     assert body["image"] == "pytorch/pytorch:2.4.0-cuda12.1-cudnn9-runtime"
     assert body["runtype"] == "args" and body["onstart"] == "bash" and body["args"][0] == "-c"
-    assert "pip install" in body["args"][1] and "'tunefleet[train]'" in body["args"][1]
-    assert body["args"][1].rstrip().endswith("exec python -m jobs.train")
+    assert body["args"][1] == bootstrap_script()  # the one bootstrap, shared with SkyPilot
     env = body["env"]
+    # no wheel shipped with this request: the bootstrap installs the package named instead
+    assert env["TUNEFLEET_PACKAGE"] == "tunefleet[train,s3]"
     assert env["TUNEFLEET_JOB_ID"] == "job-1" and env["TUNEFLEET_ATTEMPT_ID"] == ATTEMPT
     assert env["TUNEFLEET_STORE"] == "s3://bucket/runs" and json.loads(env["TUNEFLEET_SPEC_JSON"]) == spec()
     assert env["HF_HOME"] == "/cache" and all(env[k] == v for k, v in SECRETS.items())
@@ -453,7 +455,8 @@ def test_on_demand_rental_sends_no_price(stub: VastStub) -> None:
     handle = prov.launch(request(), pick(prov, "103"))
     (put,) = stub.calls("PUT")
     assert put.path == "/api/v0/asks/103/" and "price" in put.body and put.body["price"] is None
-    assert put.body["image"] == "my/image:1" and "'tunefleet[train] @ https://example.com/t.whl'" in put.body["args"][1]
+    assert put.body["image"] == "my/image:1"
+    assert put.body["env"]["TUNEFLEET_PACKAGE"] == "tunefleet[train] @ https://example.com/t.whl"
     assert handle["bid"] is None and handle["gpu"] == "A100-80GB" and handle["ask_id"] == 103
     assert stub.instances[handle["instance_id"]]["is_bid"] is False
 
@@ -541,7 +544,7 @@ def test_a_lost_rent_answer_is_found_and_destroyed(stub: VastStub) -> None:
         VastProvider(api_key=KEY, url=stub.url, timeout_s=0.3).launch(request(), offer)
     assert stub.destroyed == [7001]
     (listing,) = stub.calls("GET", "/api/v1/instances/")
-    assert json.loads(listing.query["select_filters"]) == {"label": {"in": [ATTEMPT]}}
+    assert json.loads(listing.query["select_filters"]) == {"label": {"in": [f"tf-{ATTEMPT}", ATTEMPT]}}
 
 
 def test_launch_refuses_what_it_cannot_rent(stub: VastStub, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -626,7 +629,7 @@ def test_handle_for_finds_the_instance_by_label(stub: VastStub) -> None:
     prov.launch(request("job-1-a2"), pick(prov, "103"))
     assert prov.handle_for("job-1-a1") == launched
     (listing,) = stub.calls("GET", "/api/v1/instances/")
-    assert json.loads(listing.query["select_filters"]) == {"label": {"in": ["job-1-a1"]}}
+    assert json.loads(listing.query["select_filters"]) == {"label": {"in": ["tf-job-1-a1", "job-1-a1"]}}
     assert prov.handle_for("job-1-a9") is None
     stub.ignore_list_filters = True  # a server ignoring the filter: labels are checked here
     assert prov.handle_for("job-1-a1") == launched and prov.handle_for("job-1-a9") is None
@@ -664,7 +667,7 @@ def test_runner_plays_the_machine(stub: VastStub) -> None:
         prov = renter(stub)
         quick = prov.launch(request("a-quick"), pick(prov, "101"))
         env, script = seen[quick["instance_id"]]
-        assert env["HF_TOKEN"] == SECRETS["HF_TOKEN"] and "exec python -m jobs.train" in script
+        assert env["HF_TOKEN"] == SECRETS["HF_TOKEN"] and "exec \"$PY\" -m jobs.train" in script
         procs[quick["instance_id"]].wait(timeout=10)
         deadline = time.monotonic() + 10
         while prov.poll(quick).state is not RunState.EXITED and time.monotonic() < deadline:

@@ -20,7 +20,6 @@ every read of the catalog and every SDK call runs under a deadline, so nothing h
 from providers.skypilot.launch import (
     DEFAULT_PACKAGE,
     PRICE_HEADROOM,
-    RUN_COMMAND,
     VAST_REFUSAL,
     SkyPilotLaunch,
     cluster_name,
@@ -71,7 +70,6 @@ __all__ = [
     "LAUNCH_UNKNOWN",
     "NO_PRICE_CATALOG",
     "PRICE_HEADROOM",
-    "RUN_COMMAND",
     "SCHEMA",
     "SPOT_HAZARD_PER_HOUR",
     "STARTUP_S",

@@ -6,8 +6,9 @@ one place that decides what runs on the cluster and which SkyPilot errors mean "
 Launching (``launchable = True``): one SkyPilot cluster per attempt, named ``tf-<attempt>``, so a
 restarted daemon finds it (``handle_for``). ``build_task`` makes a real ``sky.Task`` pinned to the
 offer (``infra=cloud/region``, SkyPilot's accelerator name and instance type, spot or not, a
-``max_hourly_cost`` just above the quoted price) whose setup installs ``tunefleet[train]`` and whose
-run is ``python -m jobs.train``; the job spec and ids go in ``envs``, store credentials in
+``max_hourly_cost`` just above the quoted price) whose run is tunefleet's one bootstrap
+(``providers/bootstrap.sh``: install the wheel the daemon shipped, then ``python -m jobs.train``);
+the job spec and ids go in ``envs``; store credentials and the code's presigned URLs in
 ``secrets`` (never ``envs``). ``launch`` only submits ``sky.launch(..., down=True)`` (autodown a few
 minutes after the job ends, so a lost daemon leaks nothing) and keeps the request id; ``poll``
 resolves it without waiting and maps SkyPilot's states with ``map_state`` (both in ``status.py``).
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shlex
 from typing import TYPE_CHECKING, Any
 
 from typing_extensions import override
@@ -35,14 +35,14 @@ from providers.base import (
     ProviderError,
     TransientError,
 )
+from providers.remote import bootstrap_script
 from providers.skypilot.offers import INSTALL_HINT
 from providers.skypilot.sdk import _deadline, _is_transient
 
 if TYPE_CHECKING:
     from providers.skypilot.sdk import _SkySDK
 
-RUN_COMMAND = "python -m jobs.train"  # reads TUNEFLEET_* from the task's envs
-DEFAULT_PACKAGE = "tunefleet[train]"
+DEFAULT_PACKAGE = "tunefleet[train,s3]"  # only when the daemon shipped no wheel (see providers.remote)
 PRICE_HEADROOM = 1.05  # max_hourly_cost: the offer's price plus a little, never a surprise
 VAST_REFUSAL = (
     "refusing to rent Vast.ai through SkyPilot: SkyPilot 0.14.1's Vast path can rent a different GPU than the "
@@ -77,6 +77,8 @@ class SkyPilotLaunch(Provider):
             raise LaunchFailed(INSTALL_HINT) from exc
         secrets = {str(k): str(v) for k, v in request.secrets.items()}
         envs = {k: v for k, v in request.payload_env().items() if k not in secrets}  # secrets never in envs
+        if "TUNEFLEET_WHEEL_URL" not in secrets and "TUNEFLEET_PACKAGE" not in secrets:
+            envs["TUNEFLEET_PACKAGE"] = self.package  # nothing shipped: the bootstrap installs this
         try:
             resources = sky.Resources(
                 infra=f"{cloud}/{region}", accelerators=f"{accelerator}:{offer.gpu_count}", instance_type=instance,
@@ -84,17 +86,13 @@ class SkyPilotLaunch(Provider):
                 max_hourly_cost=round(offer.usd_per_hour * PRICE_HEADROOM, 4),
                 autostop={"idle_minutes": self.autodown_idle_minutes, "down": True},
             )
-            task = sky.Task(name=task_name(request.attempt_id), setup=self._setup_script(), run=RUN_COMMAND,
-                            envs=envs, secrets=secrets)
+            task = sky.Task(name=task_name(request.attempt_id), run=bootstrap_script(), envs=envs, secrets=secrets)
             task.set_resources(resources)
             sky.Task.from_yaml_config(task.to_yaml_config())  # SkyPilot's schema; secrets are not redacted here
         except Exception as exc:  # noqa: BLE001 - SkyPilot raises ValueError, its own errors, schema errors
             raise LaunchFailed(f"SkyPilot refused the task for {offer.offer_id}: {type(exc).__name__}: "
                                f"{str(exc)[:300]}") from exc
         return task
-
-    def _setup_script(self) -> str:
-        return "set -e\npython -m pip install --upgrade pip\n" f"python -m pip install {shlex.quote(self.package)}\n"
 
     @override
     def launch(self, request: LaunchRequest, offer: Offer) -> dict[str, Any]:

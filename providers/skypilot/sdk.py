@@ -130,6 +130,16 @@ class _SkySDK:
 
         return _deadline(ask, timeout, f"status {cluster}")
 
+    def clusters(self, *, timeout: float) -> list[Any]:
+        """Every cluster record SkyPilot knows (not refreshed from the clouds: names are enough)."""
+
+        def ask() -> list[Any]:
+            import sky
+
+            return list(sky.get(sky.status(None, refresh=sky.StatusRefreshMode.NONE)))
+
+        return _deadline(ask, timeout, "status of every cluster")
+
     def job_status(self, cluster: str, job_id: int | None, *, timeout: float) -> dict[int | None, Any]:
         """``{job id: JobStatus or None}`` for ``job_id`` (the cluster's last job when None)."""
 

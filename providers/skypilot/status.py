@@ -7,13 +7,21 @@ attempt: it resolves the launch request without waiting, reads the cluster and i
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import TYPE_CHECKING, Any
 
 from typing_extensions import override
 
 from infra.logging import get_logger
-from providers.base import Provider, ProviderError, RunState, RunStatus, TransientError
+from providers.base import (
+    Provider,
+    ProviderError,
+    Resource,
+    RunState,
+    RunStatus,
+    TransientError,
+)
 from providers.skypilot.launch import cluster_name
 from providers.skypilot.sdk import _is_transient
 
@@ -156,6 +164,31 @@ class SkyPilotStatus(Provider):
             self._launched.pop(cluster, None)
             self._final.pop(cluster, None)
 
+    # ---- the reconciler's view ----
+    @override
+    def list_resources(self) -> list[Resource]:
+        """Every SkyPilot cluster named ``tf-*``. Raises TransientError when SkyPilot cannot be asked."""
+        try:
+            records = self._sdk.clusters(timeout=self.poll_timeout_s)
+        except ProviderError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise TransientError(f"SkyPilot could not list clusters: {type(exc).__name__}: {str(exc)[:200]}") from exc
+        out = []
+        for r in records or []:
+            name = r.get("name") if hasattr(r, "get") else None
+            if isinstance(name, str) and name.startswith("tf-"):
+                out.append(Resource(self.name, name, name, attempt_of(name), f"status {_value(r.get('status'))}"))
+        return out
+
+    @override
+    def resource_name(self, attempt_id: str) -> str:
+        return cluster_name(attempt_id)
+
+    @override
+    def destroy(self, resource_id: str) -> None:
+        self.cancel({"cluster": resource_id, "request_id": None})
+
     @override
     def handle_for(self, attempt_id: str) -> dict[str, Any] | None:
         """The handle of ``tf-<attempt>``; None only when SkyPilot says no such cluster exists.
@@ -234,3 +267,10 @@ def map_state(
     if job in ("FAILED", "FAILED_DRIVER", "CANCELLED"):
         return RunStatus(RunState.EXITED, 1, f"job {job} (the payload's own exit code is in the store)")
     return RunStatus(RunState.UNKNOWN, detail=f"unexpected SkyPilot job status {job}")
+
+
+def attempt_of(cluster: str) -> str | None:
+    """The attempt id a ``tf-<job>-<seq>`` cluster name was made from (``cluster_name``), when it
+    can be read back; None for a hashed name."""
+    m = re.fullmatch(r"tf-([a-z0-9]+)-(\d+)", cluster)
+    return f"{m.group(1)}.{m.group(2)}" if m else None

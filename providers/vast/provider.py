@@ -25,6 +25,7 @@ class VastProvider(VastOffers, VastRental, VastStatus, Provider):
 
     name = "vast"
     launchable = True
+    marketplace = True  # a host operator can read the instance env: scoped credentials only
 
     def __init__(
         self,

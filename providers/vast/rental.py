@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,13 +49,20 @@ from providers.base import (
     Provider,
     ProviderError,
     ProviderNotConfigured,
+    Resource,
     TransientError,
 )
+from providers.remote import bootstrap_script
 from providers.vast.offers import _read_key
 
 # A public CUDA image with Python and pip; the onstart script installs tunefleet into it.
 DEFAULT_IMAGE = "pytorch/pytorch:2.4.0-cuda12.1-cudnn9-runtime"
-DEFAULT_PACKAGE = "tunefleet[train]"
+DEFAULT_PACKAGE = "tunefleet[train,s3]"  # only when the daemon shipped no wheel (see providers.remote)
+LABEL_PREFIX = "tf-"  # every instance tunefleet rents is labelled tf-<attempt id>: the reconciler's mark
+
+
+def label_for(attempt_id: str) -> str:
+    return f"{LABEL_PREFIX}{attempt_id}"
 PRICE_SLACK = 0.05  # a rental may cost at most 5 % (+ 1 cent) above the chosen price
 LIST_PAGES_MAX = 40  # handle_for reads at most 40 pages of 25 instances
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # Vast reads keys like "-p 22:22" as docker options
@@ -143,12 +149,18 @@ class VastRental(Provider):
         return why
 
     def _find(self, attempt_id: str) -> list[dict[str, Any]]:
-        """Instances labelled ``attempt_id`` (the SDK's ``show instances``: ``GET /api/v1/instances/``)."""
+        """Instances labelled for ``attempt_id`` (``tf-<attempt>``, or the bare id older daemons
+        used), through the SDK's ``show instances``: ``GET /api/v1/instances/``."""
+        labels = [label_for(attempt_id), attempt_id]
+        return self._list({"label": {"in": labels}}, lambda r: r.get("label") in labels)
+
+    def _list(self, select: dict[str, Any] | None, keep) -> list[dict[str, Any]]:
         params = {
-            "select_filters": json.dumps({"label": {"in": [attempt_id]}}),
             "order_by": json.dumps([{"col": "id", "dir": "asc"}]),
             "limit": "25",
         }
+        if select is not None:
+            params["select_filters"] = json.dumps(select)
         found: list[dict[str, Any]] = []
         for _ in range(LIST_PAGES_MAX):
             try:
@@ -160,20 +172,33 @@ class VastRental(Provider):
                 raise TransientError("Vast.ai instance list is malformed")
             # the server's filter is not trusted: the label is checked here
             rows = ans.data.get("instances") or []
-            found += [r for r in rows if isinstance(r, dict) and r.get("label") == attempt_id]
+            found += [r for r in rows if isinstance(r, dict) and keep(r)]
             token = ans.data.get("next_token")
             if not token:
                 return found
             params["after_token"] = str(token)
         raise TransientError(f"Vast.ai instance list longer than {LIST_PAGES_MAX} pages")
 
+    # ---- the reconciler's view: every machine tunefleet rented here ----
+    def list_resources(self) -> list[Resource]:
+        """Every instance whose label says tunefleet rented it (``tf-<attempt>``). Raises
+        TransientError when Vast cannot be asked."""
+        rows = self._list(None, lambda r: isinstance(r.get("label"), str) and r["label"].startswith(LABEL_PREFIX))
+        return [Resource(self.name, str(r["id"]), r["label"], r["label"][len(LABEL_PREFIX):],
+                         f"{r.get('num_gpus')}x {r.get('gpu_name')} {r.get('actual_status')}")
+                for r in rows if isinstance(r.get("id"), int) and not isinstance(r.get("id"), bool)]
+
+    def resource_name(self, attempt_id: str) -> str:
+        return label_for(attempt_id)
+
+    def destroy(self, resource_id: str) -> None:
+        """Destroy one instance by id (gone already is fine). Raises TransientError / ProviderError."""
+        self._destroy(int(resource_id))
+
     # ---- renting: the request ----
     def onstart_script(self) -> str:
-        return (
-            "set -eu\n"
-            f"python -m pip install --no-cache-dir --quiet {shlex.quote(self.package_spec)}\n"
-            "exec python -m jobs.train\n"
-        )
+        """The container's command: tunefleet's one bootstrap (``providers/bootstrap.sh``)."""
+        return bootstrap_script()
 
     def rent_body(self, request: LaunchRequest, offer: Offer) -> dict[str, Any]:
         """The body vastai 1.9.1's ``build_create_instance_payload`` sends, for this attempt.
@@ -181,6 +206,8 @@ class VastRental(Provider):
         ``price`` is the bid for an interruptible offer and ``None`` (on-demand) otherwise. The env
         holds the payload env and the secrets (Vast has no other channel; see the module doc)."""
         payload_env = request.payload_env()
+        if "TUNEFLEET_WHEEL_URL" not in request.secrets and "TUNEFLEET_PACKAGE" not in request.secrets:
+            payload_env["TUNEFLEET_PACKAGE"] = self.package_spec  # nothing shipped: install from the index
         clash = sorted(set(payload_env) & set(request.secrets))
         bad = sorted(n for n in [*payload_env, *request.secrets] if not _ENV_NAME.match(n))
         if clash or bad:
@@ -191,7 +218,7 @@ class VastRental(Provider):
             "env": {**payload_env, **request.secrets},
             "price": offer.usd_per_hour if offer.interruptible else None,
             "disk": self.disk_gb,
-            "label": request.attempt_id,
+            "label": label_for(request.attempt_id),
             "extra": None,
             "onstart": "bash",  # runtype args: onstart is the entrypoint, args its arguments
             "image_login": None,
