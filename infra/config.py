@@ -27,6 +27,15 @@ checkpoints go by default must be the same for every command that talks to the s
     usd_per_kwh: 0.15
     budget_monthly_usd: 500           # global cap on recorded spend per calendar month (UTC)
     provider_limits: {vast: 4, skypilot: 2}   # most attempts at once per provider
+    # remote attempts (README: "Remote attempts"): what a rented machine gets
+    store_role_arn: null              # assume this role (with a session policy) for each attempt's
+                                      # store credentials; null: GetFederationToken as yourself
+    credential_duration_s: 3600       # lifetime of an attempt's credentials, 1-12 h (renewed at half-life)
+    untrusted_hosts: refuse_static_keys   # or forward_static_keys: where the store has no STS (R2,
+                                      # MinIO), hand the daemon's own keys to marketplace hosts
+    remote_package: null              # null: ship the daemon's own tunefleet as a wheel; or a pip
+                                      # requirement of a released version, e.g. "tunefleet[train]==0.2.0"
+    remote_image: null                # the CUDA/PyTorch image Vast machines start from
 
 Every setting has a type and a range (``Settings``); a bad one is refused at every command's start
 with the key, the value and what is allowed. ``TUNEFLEET_HOME`` must be a folder we can write.
@@ -39,7 +48,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlparse
 
 import yaml
@@ -97,6 +106,11 @@ class Config:
     launch_timeout_s: float = 900.0
     budget_monthly_usd: float | None = None
     provider_limits: tuple[tuple[str, int], ...] = ()  # provider -> most attempts at once
+    store_role_arn: str | None = None
+    credential_duration_s: int = 3600
+    untrusted_hosts: str = "refuse_static_keys"
+    remote_package: str | None = None
+    remote_image: str | None = None
 
     def scaled(self, seconds: float) -> float:
         """One of the daemon's built-in waits, in this config's time (``time_scale``)."""
@@ -148,6 +162,12 @@ class Settings(BaseModel):
     launch_timeout_s: float = Field(900.0, ge=1, le=7 * DAY)
     budget_monthly_usd: float | None = Field(None, ge=0, le=1e9)
     provider_limits: dict[str, Annotated[int, Field(ge=0, le=10_000)]] = Field(default_factory=dict)
+    store_role_arn: str | None = Field(None, max_length=600,
+                                       pattern=r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]+$")
+    credential_duration_s: int = Field(3600, ge=3600, le=43200)  # refreshed at half-life, before botocore's 15-min window
+    untrusted_hosts: Literal["refuse_static_keys", "forward_static_keys"] = "refuse_static_keys"
+    remote_package: str | None = Field(None, min_length=1, max_length=500, pattern=r"^tunefleet\b[^\s;]*$")
+    remote_image: str | None = Field(None, min_length=1, max_length=300, pattern=r"^[A-Za-z0-9_./:@-]+$")
 
     @field_validator("default_store")
     @classmethod

@@ -36,10 +36,20 @@ from pathlib import Path
 from typing import Any
 
 from infra.storage import StorageError
-from jobs.channel import Beacon, StoreUnavailable, Uploader, find_resume_point, retry_store
+from jobs.channel import (
+    STORE_WAIT_S,
+    Beacon,
+    Fenced,
+    StoreUnavailable,
+    Uploader,
+    check_lease,
+    find_resume_point,
+    retry_store,
+)
 from jobs.exits import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
+    EXIT_FENCED,
     EXIT_OK,
     EXIT_PREEMPTED,
     EXIT_SETUP_FAILED,
@@ -103,7 +113,26 @@ def _load_spec(ns: argparse.Namespace):
         raw = json.loads(os.environ["TUNEFLEET_SPEC_JSON"])
     else:
         raise ValueError("no job spec: pass --spec FILE or set TUNEFLEET_SPEC_JSON")
-    return JobSpec.from_payload_dict(raw)
+    JobSpec.from_payload_dict(raw)  # a bad spec fails here, before anything is downloaded
+    return raw
+
+
+def _materialize(raw: dict, store):
+    """The spec with its staged inputs downloaded and verified here (``jobs.inputs``). A store that
+    does not answer is waited out like any store fault; a missing or corrupted input is bad input."""
+    from jobs.inputs import InputError, materialize
+    from jobs.spec import JobSpec
+
+    def fetch():
+        try:
+            return materialize(raw, store, say=lambda m: print(f"[tunefleet] {m}", file=sys.stderr, flush=True))
+        except InputError as exc:
+            return exc
+
+    got = retry_store("fetching the job's inputs", fetch, deadline_s=STORE_WAIT_S)
+    if isinstance(got, InputError):
+        raise got
+    return JobSpec.from_payload_dict(got)
 
 
 def resolve_device(spec) -> str:
@@ -204,7 +233,7 @@ def _make_callback(uploader: Uploader, attempt_id: str, progress: Beacon, tokens
                 tokens_per_s=round(done * tokens_per_step / elapsed, 1),
             )
             if PREEMPTION.requested or progress.should_stop():
-                control.should_save = True
+                control.should_save = progress.fenced is None  # a fenced attempt saves nothing
                 control.should_training_stop = True
 
         def on_save(self, args, state, control, **kw):
@@ -218,20 +247,26 @@ def _make_callback(uploader: Uploader, attempt_id: str, progress: Beacon, tokens
 def train(ns: argparse.Namespace) -> int:
     from infra.storage import open_store
 
-    spec = _load_spec(ns)
-    store = open_store(ns.store)
+    raw = _load_spec(ns)
     job_id = ns.job_id
     if not job_id:
         raise ValueError("no job id: pass --job-id or set TUNEFLEET_JOB_ID")
+    session = None
+    if ns.store.startswith("s3://"):  # expiring attempt credentials renew themselves from the store
+        from infra.credentials import refreshable_session
+
+        session = refreshable_session(ns.store, job_id, ns.attempt_id)
+    store = open_store(ns.store, session=session)
     progress = Beacon(store, job_id, ns.attempt_id).start()
     progress.update(force=True, state="starting")
     try:
-        return _train(ns, spec, store, job_id, progress)
+        spec = _materialize(raw, store)
+        return _train(ns, spec, store, job_id, progress, base_model=raw["base_model"])
     finally:
         progress.close()
 
 
-def _train(ns: argparse.Namespace, spec, store, job_id: str, progress: Beacon) -> int:
+def _train(ns: argparse.Namespace, spec, store, job_id: str, progress: Beacon, base_model: str) -> int:
     from jobs import data as data_mod
 
     # bitsandbytes' CPU 4-bit kernels use OpenMP threads of their own, beyond torch.set_num_threads,
@@ -340,6 +375,10 @@ def _train(ns: argparse.Namespace, spec, store, job_id: str, progress: Beacon) -
     step = trainer.state.global_step
     print(f"[tunefleet] checkpoint uploads took {uploader.upload_s:.2f} s in the background",
           file=sys.stderr, flush=True)
+    if progress.fenced is not None:
+        print(f"[tunefleet] {progress.fenced}; exiting {EXIT_FENCED} at step {step} without writing",
+              file=sys.stderr, flush=True)
+        return EXIT_FENCED
     if PREEMPTION.requested:
         progress.update(force=True, state="preempted", step=step)
         print(f"[tunefleet] preempted at step {step}; checkpoint committed, exiting {EXIT_PREEMPTED}",
@@ -371,14 +410,22 @@ def _train(ns: argparse.Namespace, spec, store, job_id: str, progress: Beacon) -
         "final_loss": callback.loss,
         "eval_loss": eval_loss,
         "attempt_id": ns.attempt_id,
-        "base_model": spec.base_model,
+        "base_model": base_model,  # as the user named it, not where this attempt's copy lies
         "adapter": spec.adapter,
         "seed": spec.seed,
         "resumed_from_step": resume_step,
     }
     (final_dir / "tunefleet_training.json").write_text(json.dumps(meta, indent=1))
-    ref = retry_store("committing the final adapter", lambda: store.commit_final(job_id, final_dir, meta=meta),
-                      deadline_s=UPLOAD_DRAIN_S)
+
+    def commit_final():
+        check_lease(store, job_id, ns.attempt_id)
+        return store.commit_final(job_id, final_dir, meta=meta)
+
+    try:
+        ref = retry_store("committing the final adapter", commit_final, deadline_s=UPLOAD_DRAIN_S)
+    except Fenced as exc:
+        progress.fence(str(exc))
+        return EXIT_FENCED
     progress.update(
         force=True, state="succeeded", step=step, loss=callback.loss, eval_loss=eval_loss,
         adapter_uri=ref.uri, final_loss=callback.loss,
@@ -418,6 +465,9 @@ def _report_exit(ns: argparse.Namespace, code: int, error: str | None) -> None:
         from infra.storage import open_store
 
         store = open_store(ns.store)
+        if code == EXIT_FENCED:
+            return  # progress.json is the current attempt's
+        check_lease(store, ns.job_id, ns.attempt_id)
         doc = store.read_json(ns.job_id, "progress.json") or {}
         if doc.get("attempt_id") != ns.attempt_id:
             doc = {"attempt_id": ns.attempt_id, "step": 0}
@@ -425,6 +475,8 @@ def _report_exit(ns: argparse.Namespace, code: int, error: str | None) -> None:
         if error:
             doc["error"] = error[-2000:]
         store.write_json(ns.job_id, "progress.json", doc)
+    except Fenced as exc:
+        print(f"[tunefleet] not reporting exit {code}: {exc}", file=sys.stderr, flush=True)
     except Exception as exc:  # reporting must never change the exit code
         print(f"[tunefleet] could not report exit {code}: {exc}", file=sys.stderr, flush=True)
 

@@ -15,7 +15,6 @@ next offer, and no attempt is charged.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from infra.storage import StorageError
@@ -31,16 +30,6 @@ BATCH = 50  # queued jobs considered per tick
 RECHECK_S = 10.0  # how often a job waiting for capacity or budget is looked at again
 TRIES_PER_PASS = 3  # a job whose launch said "no capacity" is placed again at once, this often per pass
 SETTLE_S = 3.0  # after an attempt ends, providers' views of free capacity may lag this long
-
-_S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-           "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
-
-
-def store_secrets(store_uri: str) -> dict[str, str]:
-    """What a payload elsewhere needs to reach the checkpoint store: the daemon's own S3 settings."""
-    if not store_uri.startswith("s3://"):
-        return {}
-    return {k: os.environ[k] for k in _S3_ENV if os.environ.get(k)}
 
 
 class PlacingMixin:
@@ -228,11 +217,12 @@ class PlacingMixin:
         request = LaunchRequest(
             job_id=job.id, attempt_id=att.id, spec=job.spec, store_uri=ckpt.uri, gpus=offer.gpu_count,
             cpus=int((job.spec.get("resources") or {}).get("cpus", 1)), log_path=log_path,
-            secrets=store_secrets(ckpt.uri),
         )
         prov = self.providers[offer.provider]
         key = ("launch", att.id)
-        self.calls.start(offer.provider, key, prov.launch, request, offer, timeout_s=self.config.call_timeout_s)
+        # lease, store credentials and code first (orchestrator.remote), then the provider's launch
+        self.calls.start(offer.provider, key, self._launch_call, prov, request, offer,
+                         timeout_s=self.config.call_timeout_s)
         counts[offer.provider] = counts.get(offer.provider, 0) + 1
         live.append(att)
         self._forget_offers(offer.provider)

@@ -28,6 +28,7 @@ from providers.base import (
     Provider,
     ProviderNotConfigured,
     ProviderUnavailable,
+    Resource,
     RunState,
     RunStatus,
 )
@@ -70,7 +71,9 @@ def _runner_class():
                 return self.proc.pid
             try:
                 os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
-                full_env = {**os.environ, **env}
+                from providers.base import scrub_provider_keys
+
+                full_env = scrub_provider_keys({**os.environ, **env})  # the daemon's API keys stay with it
                 full_env["TUNEFLEET_RAY_GPU_IDS"] = ",".join(str(g) for g in ray.get_gpu_ids())
                 with open(log_path, "ab") as log:
                     self.proc = subprocess.Popen(
@@ -327,6 +330,18 @@ class LocalRayProvider(Provider):
 
     def handle_for(self, attempt_id: str) -> dict[str, Any] | None:
         return {"actor": attempt_id, "namespace": NAMESPACE}
+
+    def list_resources(self) -> list[Resource]:
+        """Every attempt actor in tunefleet's Ray namespace (named by attempt id)."""
+        self._connect()
+        from ray.util import list_named_actors
+
+        return [Resource(self.name, a["name"], a["name"], a["name"], "Ray actor")
+                for a in list_named_actors(all_namespaces=True) if a.get("namespace") == NAMESPACE]
+
+    def destroy(self, resource_id: str) -> None:
+        self.signal({"actor": resource_id, "namespace": NAMESPACE}, hard=True)
+        self.release({"actor": resource_id, "namespace": NAMESPACE})
 
     def _actor(self, handle: dict[str, Any]):
         ray = self._connect()
