@@ -46,6 +46,7 @@ from providers.base import (
     PriceSource,
     Provider,
     ProviderUnavailable,
+    Resource,
     RunState,
     RunStatus,
     TransientError,
@@ -120,6 +121,8 @@ class FaultProvider(Provider):
         self.gpu = gpu  # the GPU it rents to jobs that ask for GPUs (None: CPU machines only)
         self.machines: dict[str, Machine] = {}
         self.injected: dict[str, int] = {}
+        self.down = False  # the whole provider unreachable: open and listing fail, polls say unknown
+        self.fail_destroys = 0  # the next this many destroys by id fail
         self._lock = threading.Lock()
         self._stores: dict[str, CheckpointStore] = {}
         self._adapter = Path(tempfile.mkdtemp(prefix="tunefleet-fault-adapter-"))
@@ -197,7 +200,28 @@ class FaultProvider(Provider):
             m = self.machines.get(attempt_id)
         return {"attempt_id": attempt_id} if m is not None and m.state != "destroyed" else None
 
+    def open(self) -> None:
+        if self.down:
+            raise ProviderUnavailable(f"{self.name}: unreachable (down)")
+
+    def list_resources(self) -> list[Resource]:
+        if self.down:
+            raise ProviderUnavailable(f"{self.name}: unreachable (down)")
+        with self._lock:
+            return [Resource(self.name, m.attempt_id, m.attempt_id, m.attempt_id, m.state)
+                    for m in self.machines.values() if m.state != "destroyed" and not m.reclaimed]
+
+    def destroy(self, resource_id: str) -> None:
+        with self._lock:
+            fail = self.fail_destroys > 0
+            self.fail_destroys -= int(fail)
+        if fail or self.down:
+            raise TransientError(f"{self.name}: could not destroy {resource_id} (injected)")
+        self._destroy({"attempt_id": resource_id})
+
     def poll(self, handle: dict[str, Any]) -> RunStatus:
+        if self.down:
+            return RunStatus(RunState.UNKNOWN, detail="unreachable (down)")
         with self._lock:
             m = self.machines.get(handle.get("attempt_id", ""))
         if m is None or m.state == "destroyed":
@@ -277,6 +301,8 @@ class FaultProvider(Provider):
         self._progress(m, exit_code=code, state={0: "succeeded", 75: "preempted", 76: "stopped"}.get(code, "failed"))
 
     def cancel(self, handle: dict[str, Any], grace_s: float = 0.0) -> None:
+        if self.down:
+            raise TransientError(f"{self.name}: unreachable (down)")
         if self._roll("cancel_hang"):
             self._hang()
         if self._roll("cancel_transient"):

@@ -17,6 +17,14 @@ attempt, or count against the job. So:
 When the store stays unreachable, the payload exits ``EXIT_STORE_UNAVAILABLE`` (69): an
 infrastructure fault the daemon retries without charging it to the job's failures.
 
+Fencing: before it launches an attempt the daemon writes ``<job>/lease.json`` naming it. Every
+attempt checks the lease before each checkpoint commit, before retention deletes anything, before
+the final commit and on each control read; once the lease names another attempt, this one is
+*fenced*: it writes nothing more (no checkpoint, no progress, no deletion) and exits
+``EXIT_FENCED``. So two payloads of one job (a machine the daemon could not reach, thought gone and
+replaced) never delete each other's checkpoints. A check and the write after it are not atomic:
+the window is the few milliseconds between them, not the attempt's life.
+
 Imports only ``infra`` and the standard library.
 """
 
@@ -38,8 +46,29 @@ STORE_WAIT_S = float(os.environ.get("TUNEFLEET_STORE_WAIT_S", "300"))
 RETRY_MAX_S = 30.0
 
 
+LEASE = "lease.json"
+
+
 class StoreUnavailable(Exception):
     """The checkpoint store did not answer for longer than this payload could wait."""
+
+
+class Fenced(Exception):
+    """The job's lease names another attempt: this one must not write to the job's store again."""
+
+
+def check_lease(store, job_id: str, attempt_id: str) -> None:
+    """Raise Fenced when the job's lease names an attempt other than ``attempt_id`` (no lease: a
+    payload run by hand, or by a daemon from before leases; nothing to check against)."""
+    doc = store.read_json(job_id, LEASE)
+    holder = (doc or {}).get("attempt_id")
+    if holder and holder != attempt_id:
+        raise Fenced(f"attempt {holder} now holds job {job_id}'s lease; attempt {attempt_id} is fenced off")
+
+
+def write_lease(store, job_id: str, attempt_id: str) -> None:
+    """Name ``attempt_id`` the job's current attempt (the daemon, before it launches it)."""
+    store.write_json(job_id, LEASE, {"attempt_id": attempt_id, "written_at": time.time()})
 
 
 def _say(message: str) -> None:
@@ -58,7 +87,7 @@ def retry_store(what: str, fn, *, deadline_s: float | None = None, superseded=No
         try:
             return fn()
         except Exception as exc:
-            if is_permanent(exc) or isinstance(exc, CorruptCheckpoint):
+            if is_permanent(exc) or isinstance(exc, CorruptCheckpoint | Fenced):
                 raise
             if superseded is not None and superseded():
                 _say(f"{what}: superseded by a newer checkpoint while the store was failing ({exc})")
@@ -78,6 +107,7 @@ class Beacon:
         self.store, self.job_id, self.attempt_id = store, job_id, attempt_id
         self.doc: dict[str, Any] = {"attempt_id": attempt_id, "state": "starting", "step": 0}
         self.stop_reason: str | None = None  # set once the daemon said stop (or the budget lease ran out)
+        self.fenced: str | None = None  # set once another attempt holds the job's lease: write nothing more
         self.run_until: float | None = None
         self._lock = threading.Lock()
         self._dirty = threading.Event()
@@ -88,6 +118,8 @@ class Beacon:
         self._thread = threading.Thread(target=self._loop, name="tf-beacon", daemon=True)
 
     def start(self) -> Beacon:
+        self._read_control()  # a payload started after it was replaced is fenced before it writes
+        self._read = time.time()
         self._thread.start()
         return self
 
@@ -99,8 +131,15 @@ class Beacon:
         if force:
             self._dirty.set()
 
+    def fence(self, why: str) -> None:
+        if self.fenced is None:
+            self.fenced = why
+            _say(f"fenced: {why}; stopping without writing anything more")
+
     def should_stop(self) -> str | None:
         """Why this attempt must save and stop now, or None (cheap: no I/O)."""
+        if self.fenced is not None:
+            return self.fenced
         if self.stop_reason is None and self.run_until is not None and time.time() >= self.run_until:
             self.stop_reason = "its budget lease ran out (the daemon did not extend it)"
         return self.stop_reason
@@ -121,6 +160,8 @@ class Beacon:
 
     def flush(self) -> None:
         """Write progress.json now (the heartbeat: ``updated_at``). Never raises."""
+        if self.fenced is not None:
+            return  # progress.json belongs to the attempt holding the lease
         with self._lock:
             self.doc["updated_at"] = time.time()
             doc, version = dict(self.doc), self._version
@@ -134,7 +175,11 @@ class Beacon:
 
     def _read_control(self) -> None:
         try:
+            check_lease(self.store, self.job_id, self.attempt_id)
             doc = self.store.read_json(self.job_id, "control.json")
+        except Fenced as exc:
+            self.fence(str(exc))
+            return
         except Exception as exc:  # an unreachable store: keep training (the lease still holds)
             _say(f"control read failed: {exc}")
             return
@@ -186,14 +231,23 @@ class Uploader:
     def _commit(self, step: int, snap: Path, meta: dict[str, Any]) -> None:
         t0 = time.monotonic()
 
+        attempt_id = self.progress.attempt_id
+
         def commit():
-            ref = self.store.commit_checkpoint(self.job_id, step, snap, meta=meta)
+            check_lease(self.store, self.job_id, attempt_id)
+            ref = self.store.commit_checkpoint(self.job_id, step, snap, meta={**meta, "attempt_id": attempt_id})
+            check_lease(self.store, self.job_id, attempt_id)  # retention deletes: only while still current
             self.store.apply_retention(self.job_id, self.keep)
             return ref
 
         try:
+            if self.progress.fenced is not None:
+                raise Fenced(self.progress.fenced)
             ref = retry_store(f"committing checkpoint {step}", commit, superseded=lambda: self.newest > step,
                               deadline=lambda: self._deadline)
+        except Fenced as exc:
+            self.progress.fence(str(exc))
+            ref = None
         finally:
             self.upload_s += time.monotonic() - t0
         shutil.rmtree(snap, ignore_errors=True)

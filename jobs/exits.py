@@ -11,3 +11,4 @@ EXIT_SETUP_FAILED = 3  # this machine cannot run the payload (packages, no GPU):
 EXIT_STORE_UNAVAILABLE = 69  # EX_UNAVAILABLE: the checkpoint store stayed unreachable; not the job's fault
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: SIGTERM; a checkpoint was saved and committed at the step reached
 EXIT_STOPPED = 76  # the daemon's control object said stop (a budget cap): saved, committed, left
+EXIT_FENCED = 77  # the job's lease names another attempt: this one stopped without writing anything more

@@ -7,6 +7,7 @@ Exit codes: 0 ok; 1 operational error (unknown job, invalid transition, locked d
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -22,6 +23,7 @@ from orchestrator.cli_base import (
     _check_store,
     _config,
     _emit_json,
+    _escape,
     _job_id,
     _load,
     _store,
@@ -57,12 +59,36 @@ def submit(
     spec = _load(job_file)
     config = _config()
     _check_store(spec.checkpoint.store or config.default_store)
-    with _store(config) as store:
-        job_id = submit_spec(store, spec, config, priority)
+    with _store(config) as store, _staging(spec, quiet=json_out) as progress:
+        job_id = submit_spec(store, spec, config, priority, progress=progress)
     if json_out:
         _emit_json({"id": job_id})
     else:
         console.print(job_id)
+
+
+@contextlib.contextmanager
+def _staging(spec, *, quiet: bool):
+    """A progress bar over the bytes ``submit`` uploads (the job's local inputs), when there are
+    enough to wait for; the upload's known errors become one line and exit codes (nothing queued)."""
+    from infra.storage import StorageError, is_permanent
+    from jobs.inputs import InputError, input_bytes
+
+    total = input_bytes(spec.to_payload_dict())
+    try:
+        if quiet or total < 8 << 20:
+            yield None
+            return
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+        with Progress(TextColumn("uploading inputs {task.description}"), BarColumn(), DownloadColumn(),
+                      TransferSpeedColumn(), console=err, transient=True) as bar:
+            task = bar.add_task("", total=total)
+            yield lambda name, n: bar.update(task, advance=n, description=name[-40:])
+    except InputError as exc:
+        raise CliError(f"{exc}; nothing was queued", 2) from None
+    except StorageError as exc:
+        raise CliError(f"uploading the job's inputs: {exc}; nothing was queued", 2 if is_permanent(exc) else 1) from None
 
 
 # ---------------------------------------------------------------- status
@@ -109,6 +135,7 @@ def status(
                 console.print(_status_table(rows), crop=False)
             else:
                 console.print("no jobs yet: tunefleet submit JOB.yaml")
+            _print_orphans(store.orphans())
             return
         job_id = _job_id(store, job)
         if json_out:
@@ -120,6 +147,27 @@ def status(
             _print_detail(summary)
             return
         _watch(store, job_id)
+
+
+def _print_orphans(orphans: list[dict[str, Any]]) -> None:
+    """Machines the daemon's reconciler found without a live attempt and has not destroyed yet
+    (orchestrator.reconcile): they may still bill, so they are said after every job listing."""
+    from orchestrator.reconcile import ESCALATE_TRIES, FOREIGN
+
+    if not orphans:
+        return
+    err.print(f"[red]{len(orphans)} machine{'s' if len(orphans) != 1 else ''} with no live attempt, not destroyed "
+              "yet (they may still bill):[/]", highlight=False)
+    for o in orphans:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(o["found_at"]))
+        if o["last_error"] == FOREIGN:
+            state = FOREIGN
+        elif o["tries"] >= ESCALATE_TRIES:
+            state = f"NEEDS A PERSON: {o['tries']} destroys failed, last: {o['last_error']}"
+        else:
+            state = f"being destroyed ({o['tries']} tries{': ' + o['last_error'] if o['last_error'] else ''})"
+        err.print(f"  {o['provider']} {_escape(o['resource_id'])} (attempt {o['attempt_id'] or '?'}, since {when}): "
+                  f"{_escape(state)}", highlight=False)
 
 
 def _print_detail(s: dict[str, Any]) -> None:
@@ -375,10 +423,16 @@ def sweep(
             _print_sweep(summary)
             return
         _check_store(config.default_store)
+        from infra.storage import StorageError, is_permanent
+        from jobs.inputs import InputError
+
         try:
             new_id = submit_sweep(store, Path(target), config)
-        except SweepError as exc:
+        except (SweepError, InputError) as exc:
             raise CliError(f"{exc}\nnothing was queued", 2) from None
+        except StorageError as exc:
+            raise CliError(f"uploading the sweep's inputs: {exc}; nothing was queued",
+                           2 if is_permanent(exc) else 1) from None
     if json_out:
         _emit_json({"id": new_id})
     else:

@@ -42,6 +42,8 @@ from orchestrator.decide import Code
 from orchestrator.ending import EndingMixin
 from orchestrator.health import Health
 from orchestrator.placing import SETTLE_S, PlacingMixin
+from orchestrator.reconcile import ReconcileMixin
+from orchestrator.remote import RemoteMixin
 from orchestrator.spending import Caps
 from orchestrator.states import JobState
 from orchestrator.store import AttemptRow, JobRow, Store
@@ -87,7 +89,7 @@ class DaemonLock:
             self.fd = None
 
 
-class Daemon(WatchMixin, EndingMixin, PlacingMixin):
+class Daemon(WatchMixin, EndingMixin, PlacingMixin, RemoteMixin, ReconcileMixin):
     """Runs the queue. ``tick()`` is one full pass; ``run()`` loops it until told to stop."""
 
     def __init__(
@@ -122,6 +124,8 @@ class Daemon(WatchMixin, EndingMixin, PlacingMixin):
         self._reread: set[str] = set()  # attempts ended without a word from their payload: reads started
         self._newest: dict[str, int | None] = {}  # ... and the newest committed checkpoint step those found
         self._unopened: set[str] = set()  # providers whose open() failed: tried again later
+        self._creds_until: dict[str, float] = {}  # attempt id -> when its renewed store credentials expire
+        self._listed: dict[str, float] = {}  # provider -> when the reconciler last listed its machines
         self._offer_cache: dict[tuple[str, str], tuple[float, list]] = {}  # (provider, job shape) -> (until, offers)
         self._store_tries: dict[str, int] = {}  # job id -> its store's unanswered reads in a row
         self._sweep_of: dict[str, str | None] = {}  # job id -> its sweep (never changes)
@@ -155,7 +159,7 @@ class Daemon(WatchMixin, EndingMixin, PlacingMixin):
         return self._sweep_of[job_id]
 
     def _forget(self, attempt_id: str) -> None:
-        for cache in (self._progress, self._control, self._seen, self._cancelling):
+        for cache in (self._progress, self._control, self._seen, self._cancelling, self._creds_until):
             cache.pop(attempt_id, None)
         self._reread.discard(attempt_id)
         self._newest.pop(attempt_id, None)
@@ -260,6 +264,10 @@ class Daemon(WatchMixin, EndingMixin, PlacingMixin):
             self._reopen()
         self._watch()
         self._finish_ended_attempts()
+        try:
+            self._reconcile()
+        except Exception as exc:  # noqa: BLE001 - cleaning up must not stop the queue
+            self.log.exception("reconciling machines failed", error=str(exc))
         try:
             self._advance_sweeps()
         except Exception as exc:  # noqa: BLE001 - a sweep's bookkeeping must not stop the queue

@@ -77,6 +77,9 @@ END_RULES: dict[EndReason, EndRule] = {
     EndReason.PROVIDER_ERROR: EndRule(AttemptState.FAILED, JobAction.REQUEUE),
     EndReason.BUDGET_STOP: EndRule(AttemptState.CANCELLED, JobAction.STOP_BUDGET),
     EndReason.CANCELLED: EndRule(AttemptState.CANCELLED, JobAction.CANCEL),
+    # a payload this daemon still watched found the lease taken (two daemons, or a relaunch raced
+    # it): it wrote nothing, so the job is placed again; nothing of the job's is charged for it
+    EndReason.FENCED: EndRule(AttemptState.FAILED, JobAction.REQUEUE),
 }
 assert set(END_RULES) == set(EndReason), "every end reason needs a rule"
 
@@ -116,6 +119,8 @@ _EXITS: dict[int, tuple[EndReason, str]] = {
     exits.EXIT_SETUP_FAILED: (EndReason.SETUP_FAILED, "payload could not run on this machine (exit 3)"),
     exits.EXIT_STORE_UNAVAILABLE: (EndReason.STORE_UNAVAILABLE,
                                    "payload could not reach the checkpoint store (exit 69)"),
+    exits.EXIT_FENCED: (EndReason.FENCED, "another attempt holds the job's lease; the payload stopped "
+                                          "without writing (exit 77)"),
     127: (EndReason.SETUP_FAILED, "the payload could not be started (exit 127)"),
 }
 

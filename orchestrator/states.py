@@ -65,3 +65,4 @@ class EndReason(StrEnum):
     TIMED_OUT = "timed_out"  # not running within launch_timeout_s
     BUDGET_STOP = "budget_stop"  # stopped (saved first) to keep recorded spend under a cap
     CANCELLED = "cancelled"  # the user cancelled the job
+    FENCED = "fenced"  # another attempt holds the job's lease: this one stopped without writing (exit 77)

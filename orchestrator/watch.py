@@ -113,6 +113,7 @@ class WatchMixin:
             if why is not None:
                 att = self._request_stop(att, job, why)
         self._keep_control(att, job, now, live)
+        self._keep_credentials(att, job)
         if att.preempt_request:
             self._drill(att, job)
         status = self._status_now(att, progress)
@@ -193,6 +194,8 @@ class WatchMixin:
             return
         note = f" (the provider did not confirm the cancel: {err})" if err is not None else ""
         confirmed = call.finished_at if err is None and call is not None else None  # billing stopped then
+        if err is not None:  # the reconciler keeps trying to destroy it (orchestrator.reconcile)
+            self._orphan_from_end(att, f"cancel not confirmed: {err}")
         self._end(att, job, reason, text + note, watched=True, ended_at=confirmed)
 
     def _drill(self, att: AttemptRow, job: JobRow) -> None:
@@ -376,7 +379,12 @@ class WatchMixin:
             return
         text = f"state unknown for {now - att.unknown_since:.0f} s (unknown_timeout_s): {why}"
         if self.providers.get(att.provider) is None or not att.handle or att.provider in self._unopened:
-            self._end(att, job, EndReason.LOST, text, watched=False)  # nothing to destroy from here
+            # Nothing to destroy it with now. The job may run again at once: the new attempt takes
+            # the job's lease, so this one (if it still runs) is fenced and writes nothing more, and
+            # the reconciler destroys its machine once its provider answers again.
+            self._orphan_from_end(att, f"ended while {att.provider} could not be reached")
+            self._end(att, job, EndReason.LOST, text + "; its machine is destroyed once the provider answers",
+                      watched=False)
             return
         # destroy its machine (confirmed, or tried for unknown_timeout_s more), billed to then:
         # nobody could tell it was gone, and a provider bills until it is destroyed

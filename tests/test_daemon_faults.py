@@ -8,6 +8,7 @@ import time
 import pytest
 
 from benchmarks.fault_provider import Faults
+from infra.storage import open_store
 from orchestrator.budget import next_month_start
 from orchestrator.states import AttemptState, EndReason, JobState
 from orchestrator.store import Store
@@ -343,3 +344,54 @@ def test_sigterm_stops_the_daemon_in_order_whatever_ray_installed(tmp_path):
             proc.kill()
     assert proc.returncode == 0, out[-3000:]
     assert "daemon stopped" in out and "SIGTERM received" not in out
+
+
+def test_a_provider_down_at_restart_leaves_the_attempt_unknown_and_its_orphan_is_destroyed_later(tmp_path):
+    """A daemon restarted while its provider is unreachable neither fails nor duplicates the
+    running attempt: it stays live as unknown. Past unknown_timeout_s it ends lost (the payload, if
+    it still runs, is fenced by the next attempt's lease) and its machine is remembered as an
+    orphan; once the provider answers again, the reconciler destroys that machine and says so."""
+    with w.quiet_logs(), Store(tmp_path / "state.db") as store:
+        cfg = w.config(tmp_path, unknown_timeout_s=2.0)
+        prov = w.provider(Faults.none(), steps_per_poll=1)
+        job_id = w.submit(store, cfg, max_steps=10_000, save_steps=50)
+        first = w.daemon(store, cfg, prov)
+        first._open_providers()
+        for _ in range(200):
+            first.tick()
+            att = next(iter(store.live_attempts()), None)
+            if att is not None and att.state is AttemptState.RUNNING:
+                break
+        assert att is not None and att.state is AttemptState.RUNNING
+        first.calls.shutdown()
+        lease = open_store(cfg.default_store).read_json(job_id, "lease.json")
+        assert lease["attempt_id"] == att.id  # written before the launch
+
+        prov.down = True  # the provider is unreachable when the daemon comes back
+        second = w.daemon(store, cfg, prov)
+        second._open_providers()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.0:  # well within unknown_timeout_s
+            second.tick()
+        (live,) = store.live_attempts()
+        assert live.id == att.id and live.unknown_since is not None  # unknown, not failed
+        assert [a.id for a in store.attempts_for(job_id)] == [att.id]  # and not launched twice
+        assert prov.machines[att.id].state == "running"
+        while store.live_attempts() and time.monotonic() - t0 < 20:
+            second.tick()
+        (ended,) = store.attempts_for(job_id)
+        assert ended.end_code == "lost" and "once the provider answers" in (ended.end_reason or "")
+        assert [o["attempt_id"] for o in store.orphans()] == [att.id]
+
+        prov.down = False  # back: the job runs again, and the old machine is destroyed
+        prov.fail_destroys = 1  # the first destroy fails and is tried again
+        while time.monotonic() - t0 < 60 and (prov.machines[att.id].state != "destroyed" or store.orphans()
+                                               or len(store.attempts_for(job_id)) < 2):
+            second.tick()
+        second.calls.shutdown()
+        assert prov.machines[att.id].state == "destroyed" and store.orphans() == []
+        kinds = [e.kind for e in store.events(job_id) if e.attempt_id == att.id]
+        assert "unknown" in kinds and "orphan_destroyed" in kinds
+        attempts = store.attempts_for(job_id)
+        assert len(attempts) == 2 and attempts[1].live
+        assert open_store(cfg.default_store).read_json(job_id, "lease.json")["attempt_id"] == attempts[1].id

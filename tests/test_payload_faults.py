@@ -128,3 +128,40 @@ def test_a_budget_lease_that_runs_out_stops_the_payload_without_the_daemon(env, 
     assert "budget lease ran out" in p.log()
     reached = p.progress()["step"]
     assert SAVE <= reached < MAX_STEPS and p.store.latest_checkpoint("lease").step == reached
+
+
+def test_two_attempts_of_one_job_racing_the_fenced_one_stops_and_touches_nothing(env, spec_path, scratch, reference,  # noqa: F811
+                                                                                  tmp_path):
+    """The daemon replaced attempt a1 (it could not reach its machine) by a2 while a1 still runs.
+    a2's lease fences a1 off: a1 commits, deletes and reports nothing more and exits 77; a2 resumes
+    from a1's newest checkpoint and ends bitwise equal to an uninterrupted run."""
+    from infra.storage import LocalFolderStore
+    from jobs.channel import write_lease
+
+    store_root = tmp_path / "store"
+    store = LocalFolderStore(store_root)
+    write_lease(store, "race", "a1")
+    a1 = start_payload(env, spec_path, store_root, "race", "a1", scratch)
+    deadline = time.monotonic() + WAIT_S
+    while (a1.progress().get("checkpoint_step") or 0) < SAVE:
+        assert a1.proc.poll() is None and time.monotonic() < deadline, a1.log()[-3000:]
+        time.sleep(0.05)
+    write_lease(store, "race", "a2")
+    switched = time.time()
+    a2 = start_payload(env, spec_path, store_root, "race", "a2", scratch)
+    while a1.progress().get("attempt_id") != "a2":  # a2 is writing progress now
+        assert a2.proc.poll() is None and time.monotonic() < deadline, a2.log()[-3000:]
+        time.sleep(0.05)
+    while a1.proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert a1.proc.returncode == 77, a1.log()[-3000:]
+    assert "fenced" in a1.log() and "a2 now holds job race's lease" in a1.log()
+    assert a1.progress().get("attempt_id") == "a2"  # a1's last word did not overwrite a2's progress
+    after = {r.step: r.meta.get("attempt_id") for r in store.list_checkpoints("race") if r.created_at > switched}
+    assert set(after.values()) <= {"a2"}  # nothing a1 committed once fenced
+    assert a2.wait() == 0, a2.log()[-3000:]
+    from safetensors.torch import load_file
+
+    store.download(store.final("race"), tmp_path / "final")
+    assert_bitwise_equal(load_file(str(tmp_path / "final" / "adapter_model.safetensors")), reference.tensors)

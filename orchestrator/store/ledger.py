@@ -266,3 +266,37 @@ class LedgerMixin(AttemptsMixin):
             rows = c.execute("SELECT name, state, until, reason, failures, updated_at FROM provider_health").fetchall()
         return {r[0]: {"state": r[1], "until": r[2], "reason": r[3], "failures": r[4], "updated_at": r[5]}
                 for r in rows}
+
+    # -- orphans: machines on a provider that no live attempt owns ---------------------------------
+    def record_orphan(self, provider: str, resource_id: str, attempt_id: str | None, detail: str = "") -> bool:
+        """Note a machine to destroy; True when it is newly found (not already being destroyed)."""
+        with self._write() as c:
+            cur = c.execute(
+                "INSERT INTO orphans (provider, resource_id, attempt_id, detail, found_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (provider, resource_id) DO UPDATE SET destroyed_at = NULL"
+                " WHERE orphans.destroyed_at IS NOT NULL",
+                (provider, resource_id, attempt_id, detail[:300], self._now()),
+            )
+            return cur.rowcount > 0
+
+    def orphan_tried(self, provider: str, resource_id: str, error: str | None) -> None:
+        """One destroy of an orphan: confirmed (``error`` None) or failed with why."""
+        now = self._now()
+        with self._write() as c:
+            if error is None:
+                c.execute("UPDATE orphans SET tries = tries + 1, last_try_at = ?, last_error = NULL, destroyed_at = ?"
+                          " WHERE provider = ? AND resource_id = ?", (now, now, provider, resource_id))
+            else:
+                c.execute("UPDATE orphans SET tries = tries + 1, last_try_at = ?, last_error = ?"
+                          " WHERE provider = ? AND resource_id = ?", (now, error[:300], provider, resource_id))
+
+    def orphans(self, pending_only: bool = True) -> list[dict[str, Any]]:
+        """Orphans (still to destroy, or all): provider, resource_id, attempt_id, detail, found_at,
+        tries, last_try_at, last_error, destroyed_at."""
+        cols = ("provider", "resource_id", "attempt_id", "detail", "found_at", "tries", "last_try_at",
+                "last_error", "destroyed_at")
+        where = " WHERE destroyed_at IS NULL" if pending_only else ""
+        with self._read() as c:
+            rows = c.execute(f"SELECT {', '.join(cols)} FROM orphans{where} ORDER BY found_at").fetchall()  # noqa: S608
+        return [dict(zip(cols, r, strict=True)) for r in rows]
+

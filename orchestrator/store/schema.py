@@ -178,10 +178,26 @@ MIGRATIONS: list[str] = [
     UPDATE jobs SET state = 'cancelled', reason = 'cancelled by the user'
     WHERE state = 'queued' AND cancel_requested = 1;
     """,
+    # v6: attempts may end 'fenced' (another attempt holds the job's lease); machines found on a
+    # provider with no live attempt (orphans), kept until a destroy is confirmed.
+    """
+    CREATE TABLE orphans (
+        provider     TEXT NOT NULL,
+        resource_id  TEXT NOT NULL,
+        attempt_id   TEXT NULL,
+        detail       TEXT NOT NULL DEFAULT '',
+        found_at     REAL NOT NULL,
+        tries        INTEGER NOT NULL DEFAULT 0,
+        last_try_at  REAL NULL,
+        last_error   TEXT NULL,
+        destroyed_at REAL NULL,
+        PRIMARY KEY (provider, resource_id)
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
-assert SCHEMA_VERSION == 5
+assert SCHEMA_VERSION == 6
 
 
 def split_sql(script: str) -> Iterator[str]:
