@@ -126,6 +126,12 @@ class Calls:
         result, error = call.outcome()
         return True, result, error, call
 
+    def unread(self, kinds: Iterable[str]) -> int:
+        """Calls of these kinds started and not taken yet, finished or not (their answers unread)."""
+        kinds = set(kinds)
+        with self._lock:
+            return sum(1 for k in self._calls if isinstance(k, tuple) and k and k[0] in kinds)
+
     def in_flight(self, lanes: Iterable[str] | None = None, kinds: Iterable[str] | None = None) -> int:
         """Calls not finished yet (optionally only in these lanes, or whose key starts with a kind)."""
         lanes = None if lanes is None else set(lanes)

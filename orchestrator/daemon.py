@@ -238,6 +238,8 @@ class Daemon(WatchMixin, EndingMixin, PlacingMixin, RemoteMixin, ReconcileMixin)
         now = self.clock()
         if self.store.live_attempts() or self.calls.in_flight(kinds=("launch", "offers", "latest")):
             return False
+        if self.calls.unread(("destroy",)):  # an orphan's destroy: its answer is recorded before exiting
+            return False
         if self._freed or now - self._freed_at < self.config.scaled(SETTLE_S):
             return False  # capacity was just freed: let the providers' views settle and look again
         horizon = self.config.scaled(IDLE_HORIZON_S)

@@ -221,7 +221,7 @@ class PlacingMixin:
         prov = self.providers[offer.provider]
         key = ("launch", att.id)
         # lease, store credentials and code first (orchestrator.remote), then the provider's launch
-        self.calls.start(offer.provider, key, self._launch_call, prov, request, offer,
+        self.calls.start(offer.provider, key, self._launch_call, prov, request, offer, ckpt,
                          timeout_s=self.config.call_timeout_s)
         counts[offer.provider] = counts.get(offer.provider, 0) + 1
         live.append(att)

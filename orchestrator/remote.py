@@ -31,7 +31,7 @@ from infra.credentials import (
     refresh_doc,
     refresh_key,
 )
-from infra.storage import StorageError, open_store
+from infra.storage import CheckpointStore, StorageError, open_store
 from jobs.channel import write_lease
 from orchestrator.states import AttemptState
 from orchestrator.store import AttemptRow, JobRow
@@ -45,18 +45,22 @@ from providers.base import (
 from providers.remote import bootstrap_env, build_bundle
 
 
+class LeaseNotWritten(Exception):
+    """The job's store did not take the lease: nothing was launched; the store's trouble, not the
+    provider's (the job is placed again, and waits for its store if it is still down)."""
+
+
 class RemoteMixin:
     """Part of ``orchestrator.daemon.Daemon``."""
 
-    def _launch_call(self, prov: Provider, request: LaunchRequest, offer: Offer) -> dict[str, Any]:
+    def _launch_call(self, prov: Provider, request: LaunchRequest, offer: Offer, store: CheckpointStore
+                     ) -> dict[str, Any]:
         """Lease, credentials and code for this attempt, then the provider's launch (a worker
         thread: reads config only). Returns the provider's handle, plus when the credentials expire."""
-        store = open_store(request.store_uri)
         try:
             write_lease(store, request.job_id, request.attempt_id)
         except StorageError as exc:
-            raise TransientError(f"could not write job {request.job_id}'s lease to its store: {exc}",
-                                 retry_after_s=30.0) from None
+            raise LeaseNotWritten(f"could not write job {request.job_id}'s lease to its store: {exc}") from None
         cfg = self.config
         resume_from = (request.spec.get("checkpoint") or {}).get("resume_from")
         try:

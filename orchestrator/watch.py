@@ -20,6 +20,7 @@ from infra.storage import StorageError
 from orchestrator import spending
 from orchestrator.calls import CallTimeout
 from orchestrator.outcomes import ErrorAction, classify_exit, error_action
+from orchestrator.remote import LeaseNotWritten
 from orchestrator.states import AttemptState, EndReason, JobState
 from orchestrator.store import AttemptRow, InvalidTransition, JobRow
 from providers.base import ProviderNotConfigured, RunState, RunStatus, TransientError
@@ -232,6 +233,10 @@ class WatchMixin:
                 billed_from=billed_from,
             )
             self.log.info("attempt launched", job_id=job.id, attempt_id=att.id, provider=att.provider)
+            return
+        if isinstance(err, LeaseNotWritten):  # nothing launched; the job's store is the trouble
+            self.log.warning("launch not tried: the job's lease could not be written", job_id=job.id, error=str(err))
+            self._end(att, job, EndReason.PROVIDER_ERROR, str(err), watched=False, billed=False)
             return
         action, reason = error_action(err)
         if isinstance(err, (CallTimeout, TransientError)):

@@ -314,8 +314,11 @@ def test_kill_9_daemon_at_random_points_loses_nothing(tmp_path, ray_cluster, mod
             assert len(launched) <= 1, f"{a.id} launched {len(launched)} times\n{story(j)}"
             assert len(terminal) == 1, f"{a.id}: {len(terminal)} terminal events\n{story(j)}"
             assert terminal[0].data["to"] == a.state.value
-            assert all(e.id < terminal[0].id for e in mine if e is not terminal[0]), (
-                f"{a.id}: events after its end\n{story(j)}")
+            # after its end, only the reconciler speaks of it: a machine a killed daemon left behind
+            # (an exited payload's Ray actor it never released) is found and destroyed
+            after = [e.kind for e in mine if e.id > terminal[0].id]
+            assert set(after) <= {"orphan_found", "orphan_destroyed"}, f"{a.id}: events after its end\n{story(j)}"
+            assert after.count("orphan_found") == after.count("orphan_destroyed"), story(j)
             if launched:
                 assert c[0].id < launched[0].id < terminal[0].id
             created[a.id], ended[a.id] = c[0].id, terminal[0].id

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from benchmarks.fault_provider import FAULTS, Faults
+from infra.storage import StorageError
 from orchestrator.budget import month_start
 from orchestrator.outcomes import END_RULES, Counter
 from orchestrator.store import InvalidTransition, Store
@@ -73,7 +74,12 @@ class DaemonUnderFaults(RuleBasedStateMachine):
     # ---- what happens ----
     @rule(steps=st.sampled_from([20, 40, 80]), cap=st.one_of(st.none(), st.floats(0.4, 2.0)))
     def submit(self, steps, cap):
-        self.jobs.append(w.submit(self.store, self.cfg, max_steps=steps, save_steps=10, max_usd=cap))
+        queued = len(self.store.list_jobs(limit=100_000))
+        try:
+            self.jobs.append(w.submit(self.store, self.cfg, max_steps=steps, save_steps=10, max_usd=cap))
+        except StorageError:  # submit uploads the job's inputs: only a store outage refuses it ...
+            assert self.outage is not None
+            assert len(self.store.list_jobs(limit=100_000)) == queued  # ... and then nothing is queued
 
     @rule(n=st.integers(1, 8))
     def tick(self, n):
