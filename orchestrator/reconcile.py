@@ -52,7 +52,16 @@ class ReconcileMixin:
         self._destroy_orphans(now)
 
     def _judge(self, name: str, prov, found: list[Resource]) -> None:
-        """Record every listed machine that no live attempt owns (see the module doc)."""
+        """Record every listed machine that no live attempt owns (see the module doc), and close
+        the orphans of this provider that the listing no longer shows: nothing left to destroy."""
+        ids, names = {r.resource_id for r in found}, {r.name for r in found}
+        for o in self.store.orphans():
+            if o["provider"] != name or self.calls.get(("destroy", name, o["resource_id"])) is not None:
+                continue
+            by_attempt = o["resource_id"].startswith("attempt:")
+            if (prov.resource_name(o["attempt_id"]) not in names) if by_attempt else (o["resource_id"] not in ids):
+                self.store.orphan_tried(name, o["resource_id"], None)
+                self.log.info("an orphan machine is gone", provider=name, resource=o["resource_id"])
         owned = {prov.resource_name(a.id) for a in self.store.live_attempts() if a.provider == name}
         for res in found:
             if res.name in owned:

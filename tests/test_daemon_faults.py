@@ -395,3 +395,32 @@ def test_a_provider_down_at_restart_leaves_the_attempt_unknown_and_its_orphan_is
         attempts = store.attempts_for(job_id)
         assert len(attempts) == 2 and attempts[1].live
         assert open_store(cfg.default_store).read_json(job_id, "lease.json")["attempt_id"] == attempts[1].id
+
+
+def test_a_machine_named_like_ours_that_this_store_never_launched_is_left_alone(tmp_path):
+    """Another tunefleet home on the same account: its tf-* machine is reported as foreign, never
+    destroyed; once it is gone, status stops naming it."""
+    from providers.base import LaunchRequest
+
+    with w.quiet_logs(), Store(tmp_path / "state.db") as store:
+        cfg = w.config(tmp_path)
+        prov = w.provider(Faults.none())
+        offer = prov.offers({"resources": {"gpus": 1}})[0]
+        prov._rent(LaunchRequest(job_id="jforeign", attempt_id="jforeign.1", spec={"max_steps": 10},
+                                 store_uri=cfg.default_store, gpus=1, cpus=1, log_path="-"), offer)
+        d = w.daemon(store, cfg, prov)
+        d._open_providers()
+        t0 = time.monotonic()
+        while not store.orphans() and time.monotonic() - t0 < 10:
+            d.tick()
+        (o,) = store.orphans()
+        assert o["resource_id"] == "jforeign.1" and "not destroyed" in o["last_error"]
+        for _ in range(20):
+            d.tick()
+        assert prov.machines["jforeign.1"].state != "destroyed"
+        prov._destroy({"attempt_id": "jforeign.1"})  # its owner destroyed it
+        d._listed.clear()  # list again now rather than in RECONCILE_S
+        while store.orphans() and time.monotonic() - t0 < 20:
+            d.tick()
+        d.calls.shutdown()
+        assert store.orphans() == []

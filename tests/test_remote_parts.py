@@ -314,3 +314,24 @@ def test_a_local_payload_holds_no_provider_api_key(tmp_path, monkeypatch):
         prov.release(handle)
     finally:
         prov.close()
+
+
+def test_status_names_the_machines_the_reconciler_could_not_destroy(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+    from orchestrator.store import Store
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("TUNEFLEET_HOME", str(home))
+    home.mkdir()
+    with Store(home / "state.db") as db:
+        db.record_orphan("vast", "7001", "j1.1", "tf-j1.1: 1x RTX4090 running")
+        for _ in range(3):
+            db.orphan_tried("vast", "7001", "HTTP 503 from Vast.ai on destroy instance 7001")
+        db.record_orphan("vast", "7002", "j2.1", "tf-j2.1")
+        db.orphan_tried("vast", "7002", None)  # destroyed: not named
+    res = CliRunner().invoke(app, ["status"])
+    assert res.exit_code == 0
+    assert "1 machine with no live attempt" in res.output and "vast 7001 (attempt j1.1" in res.output
+    assert "NEEDS A PERSON: 3 destroys failed, last: HTTP 503" in res.output and "7002" not in res.output
