@@ -580,3 +580,72 @@ def test_deadline_returns_raises_or_gives_up():
 def test_map_state_without_a_cluster_after_a_successful_launch_is_lost():
     status = sp.map_state(launch=sp.LAUNCH_SUCCEEDED, cluster=None)
     assert status.state is RunState.LOST
+
+
+# ---- the task SkyPilot would run, run in a machine that is really somewhere else ----
+_BUILD_TASK = r"""
+import json, sys
+from tests.test_skypilot_launch import FakeSDK, _offers
+import providers.skypilot as sp
+from providers.base import LaunchRequest
+request = LaunchRequest(**json.loads(open(sys.argv[1]).read()))
+sdk = FakeSDK(launch="req-1")
+sp.SkyPilotProvider(sdk=sdk).launch(request, _offers()["aws/us-east-1/g5.xlarge:spot"])
+config = sdk.tasks[0].to_yaml_config()  # what sky.launch sends to the API server
+print("@@TASK@@" + json.dumps({"run": config.get("run"), "setup": config.get("setup"),
+                               "envs": config.get("envs"), "secrets": config.get("secrets")}))
+"""
+
+
+@pytest.mark.slow
+def test_the_task_skypilot_runs_installs_the_shipped_wheel_and_trains_in_a_sandbox(tmp_path):
+    """The SkyPilot stand-in: the provider's real ``sky.Task`` (built in a fresh interpreter on the
+    project's catalog) is run as a cluster would run it, its ``run`` with its ``envs`` and
+    ``secrets``, in a sandbox that has the dependencies but not tunefleet, against S3 on moto. The
+    bootstrap installs the wheel the daemon shipped, the payload fetches its staged input, trains
+    and commits its final adapter."""
+    import yaml
+
+    from infra.credentials import for_attempt
+    from infra.storage import open_store
+    from jobs.inputs import stage
+    from jobs.spec import load_job_file
+    from providers.remote import bootstrap_env, build_bundle
+    from tests.s3_fixtures import aws_env, new_bucket, running_moto
+    from tests.sandbox import Sandbox
+    from tests.skypilot_catalog import sample_rows, write_catalog
+    from tests.test_cli import EXAMPLE
+
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["datasets"][0]["path"] = str((EXAMPLE.parent / doc["datasets"][0]["path"]).resolve())
+    doc.update(max_steps=6, save_steps=3)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    with running_moto() as endpoint, aws_env(AWS_ACCESS_KEY_ID="AKIATUNEFLEETDAEMON02", AWS_SECRET_ACCESS_KEY="d",
+                                             AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint):
+        uri = f"s3://{new_bucket(endpoint)}/runs"
+        store = open_store(uri)
+        spec = stage({**load_job_file(tmp_path / "job.yaml").to_payload_dict(),
+                      "checkpoint": {"store": uri, "keep": 2}}, store)
+        creds = for_attempt(uri, "jsky", trusted_host=True, on_premises=False)
+        request = {"job_id": "jsky", "attempt_id": "jsky.1", "spec": spec, "store_uri": uri, "gpus": 1, "cpus": 1,
+                   "log_path": "-", "secrets": {**creds.env, **bootstrap_env(store, build_bundle())}}
+        (tmp_path / "request.json").write_text(json.dumps(request))
+        home = tmp_path / "skyhome"
+        write_catalog(home, sample_rows())
+        env = {**os.environ, "HOME": str(home), "SKY_RUNTIME_DIR": str(home), "PYTHONPATH": str(REPO)}
+        env.pop("SKYPILOT_API_SERVER_ENDPOINT", None)
+        built = subprocess.run([sys.executable, "-c", _BUILD_TASK, str(tmp_path / "request.json")], cwd=REPO,
+                               env=env, capture_output=True, text=True, timeout=120)
+        line = next((x for x in built.stdout.splitlines() if x.startswith("@@TASK@@")), None)
+        assert line is not None, built.stderr[-3000:]
+        task = json.loads(line[len("@@TASK@@"):])
+        assert task["run"] == bootstrap_script() and not task["setup"]
+        assert "TUNEFLEET_WHEEL_URL" in task["secrets"] and "TUNEFLEET_WHEEL_URL" not in task["envs"]
+
+        cluster = Sandbox(tmp_path / "cluster")
+        proc = cluster.start(["bash", "-c", task["run"]], {**task["envs"], **task["secrets"]}, tmp_path / "run.log")
+        assert proc.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+        final = store.final("jsky")
+        assert final is not None and final.meta["attempt_id"] == "jsky.1" and final.meta["step"] == 6
+        log = (tmp_path / "run.log").read_text()
+        assert "installing tunefleet-" in log and "sha256" in log and "verified" in log
