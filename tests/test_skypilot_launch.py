@@ -29,8 +29,8 @@ from typing import Any
 import pytest
 
 import providers.skypilot as sp
-from providers.remote import bootstrap_script
 from providers.base import LaunchFailed, LaunchRequest, Offer, PriceSource, RunState, TransientError
+from providers.remote import bootstrap_script
 
 REPO = Path(__file__).resolve().parent.parent
 MARK = "@@SKY-LAUNCH@@"
