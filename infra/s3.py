@@ -171,6 +171,13 @@ class S3Store(CheckpointStore):
         return self._client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=int(expires_s))
 
+    @override
+    def presign_put(self, key: str, expires_s: int) -> str | None:
+        """A presigned PUT of a JSON object (its Content-Type is signed: send application/json)."""
+        return self._client.generate_presigned_url(
+            "put_object", Params={"Bucket": self.bucket, "Key": self._key(key), "ContentType": "application/json"},
+            ExpiresIn=int(expires_s))
+
     # ---- object primitives ----
     @override
     def put_file(self, key: str, src: Path) -> None:

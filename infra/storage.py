@@ -134,6 +134,11 @@ class CheckpointStore(ABC):
         A local folder answers with its file:// URI: only this machine can read it."""
         return self.key_uri(key)
 
+    def presign_put(self, key: str, expires_s: int) -> str | None:
+        """A URL anyone holding it may PUT ``key`` with (a JSON body, ``Content-Type:
+        application/json``) for ``expires_s``; None where the store cannot hand one out (a folder)."""
+        return None
+
     @abstractmethod
     def key_uri(self, key: str) -> str:
         """The user-facing URI of a key or prefix."""

@@ -74,7 +74,7 @@ class RemoteMixin:
         if not offer.on_premises:
             try:
                 secrets.update(bootstrap_env(store, None if cfg.remote_package else build_bundle(),
-                                             package=cfg.remote_package))
+                                             package=cfg.remote_package, job_id=request.job_id))
             except StorageError as exc:
                 raise TransientError(f"could not upload tunefleet's wheel to the store: {exc}",
                                      retry_after_s=30.0) from None

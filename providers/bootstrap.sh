@@ -10,6 +10,7 @@
 #       the daemon's pins (constraints.txt without torch: the image's PyTorch/CUDA build is kept)
 #   TUNEFLEET_PACKAGE
 #       instead of the wheel: a released version from the package index (config: remote_package)
+#   TUNEFLEET_REPORT_URL  a presigned PUT of the job's progress.json, to report a setup failure
 #   TUNEFLEET_PYTHON    the image's Python (default: python3, else python)
 #   TUNEFLEET_EXTRAS    extras to install (default: train,s3)
 #
@@ -18,7 +19,21 @@
 set -uo pipefail
 
 say() { echo "[tunefleet-bootstrap] $*" >&2; }
-fail() { say "setup failed: $*"; exit 3; }
+# A setup failure is reported where a payload reports its exit (the job's progress.json), through
+# the presigned TUNEFLEET_REPORT_URL: the daemon then knows this machine could not run it (exit 3,
+# tried elsewhere) instead of seeing a container that exited without a word.
+report() {
+  [ -n "${TUNEFLEET_REPORT_URL:-}" ] || return 0
+  "${PY:-python3}" - "$1" <<'PYEOF' >/dev/null 2>&1 || true
+import json, os, sys, time, urllib.request
+doc = {"attempt_id": os.environ.get("TUNEFLEET_ATTEMPT_ID"), "state": "failed", "exit_code": 3, "step": 0,
+       "error": "setup failed: " + sys.argv[1][-500:], "updated_at": time.time()}
+req = urllib.request.Request(os.environ["TUNEFLEET_REPORT_URL"], data=json.dumps(doc).encode(), method="PUT",
+                             headers={"Content-Type": "application/json"})
+urllib.request.urlopen(req, timeout=30).close()
+PYEOF
+}
+fail() { say "setup failed: $*"; report "$*"; exit 3; }
 
 PY="${TUNEFLEET_PYTHON:-}"
 if [ -z "$PY" ]; then

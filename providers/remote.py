@@ -165,16 +165,21 @@ def stage_code(store, bundle: CodeBundle) -> str:
     return prefix
 
 
-def bootstrap_env(store, bundle: CodeBundle | None, *, package: str | None = None,
+def bootstrap_env(store, bundle: CodeBundle | None, *, package: str | None = None, job_id: str | None = None,
                   ttl_s: int = URL_TTL_S) -> dict[str, str]:
     """The variables ``bootstrap.sh`` reads, for one attempt. They hold presigned URLs (a grant to
-    read our code for ``ttl_s``): providers pass them with the secrets, never in logs."""
+    read our code, and to write the job's ``progress.json`` once, for ``ttl_s``): providers pass
+    them with the secrets, never in logs. ``job_id``: give the bootstrap a URL to report a setup
+    failure through (tunefleet, and so the store client, is not installed yet when it fails)."""
+    report = store.presign_put(f"{job_id}/progress.json", ttl_s) if job_id else None
+    extra = {"TUNEFLEET_REPORT_URL": report} if report else {}
     if package:
-        return {"TUNEFLEET_PACKAGE": package}
+        return {"TUNEFLEET_PACKAGE": package, **extra}
     if bundle is None:
         raise ValueError("no code bundle and no remote_package")
     prefix = stage_code(store, bundle)
     return {
+        **extra,
         "TUNEFLEET_WHEEL_URL": store.presign_get(prefix + bundle.wheel_name, ttl_s),
         "TUNEFLEET_WHEEL_SHA256": bundle.wheel_sha256,
         "TUNEFLEET_WHEEL_NAME": bundle.wheel_name,

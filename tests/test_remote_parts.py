@@ -198,6 +198,29 @@ def test_the_bootstrap_refuses_a_wheel_that_is_not_the_one_shipped(tmp_path):
     assert "pip could not install tunefleet[train]==99.0" in (tmp_path / "boot2.log").read_text()
 
 
+def test_a_setup_failure_is_reported_through_the_store_where_the_daemon_reads_exits(tmp_path, moto_server,
+                                                                                     s3_bucket):
+    """tunefleet is not installed when the bootstrap fails, so it reports exit 3 through a presigned
+    PUT of the job's progress.json: the daemon sees 'setup_failed' (try another machine), not a
+    container that exited without a word."""
+    from providers.remote import bootstrap_env
+
+    machine = Sandbox(tmp_path / "machine")
+    with aws_env(**AWS, AWS_ENDPOINT_URL=moto_server):
+        store = open_store(f"s3://{s3_bucket}/runs")
+        env = {**bootstrap_env(store, None, package="tunefleet[train]==99.0", job_id="jboot"),
+               "TUNEFLEET_ATTEMPT_ID": "jboot.3"}
+        proc = machine.start(["bash", "-c", bootstrap_script()], env, tmp_path / "boot.log")
+        assert proc.wait(timeout=120) == 3
+        doc = store.read_json("jboot", "progress.json")
+    assert doc["attempt_id"] == "jboot.3" and doc["exit_code"] == 3 and doc["state"] == "failed"
+    assert "pip could not install tunefleet[train]==99.0" in doc["error"]
+    from orchestrator.outcomes import classify_exit
+    from orchestrator.states import EndReason
+
+    assert classify_exit(doc["exit_code"])[0] is EndReason.SETUP_FAILED
+
+
 # ---- credentials ----
 def test_attempt_credentials_are_scoped_to_the_job_and_expire(moto_server):
     with aws_env(**AWS, AWS_ENDPOINT_URL=moto_server):
