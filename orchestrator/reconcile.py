@@ -4,7 +4,9 @@ Why: a launch whose answer was lost, a destroy that failed, an attempt ended whi
 could not be reached, a daemon that died between two steps: each can leave a machine behind, and a
 rented GPU bills by the hour whether or not anything reads its results. So, at start-up and every
 ``RECONCILE_S`` after, every open provider is asked (off the loop, with a deadline) for the
-machines tunefleet started there (named ``tf-<attempt>``: ``Provider.list_resources``). A machine
+machines tunefleet started there (named ``tf-<attempt>``: ``Provider.list_resources``), on every
+provider this store ever launched on (asking another is pointless, and SkyPilot's client would
+start a local API server to answer). A machine
 whose attempt is in this store and not live is an *orphan*: recorded in the store (``orphans``),
 told as an event on its job, and destroyed. A destroy that fails is tried again, backing off, until
 the provider confirms it; after ``ESCALATE_TRIES`` failures ``tunefleet status`` names the machine
@@ -48,6 +50,8 @@ class ReconcileMixin:
                     or now - self._listed.get(name, float("-inf")) < self.config.scaled(RECONCILE_S)):
                 continue
             self._listed[name] = now
+            if not self.store.ever_launched_on(name):
+                continue  # nothing of ours can be there; and asking may start things (SkyPilot's API server)
             self.calls.start(name, key, prov.list_resources, timeout_s=self.config.call_timeout_s)
         self._destroy_orphans(now)
 

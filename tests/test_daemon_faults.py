@@ -411,7 +411,15 @@ def test_a_machine_named_like_ours_that_this_store_never_launched_is_left_alone(
         d = w.daemon(store, cfg, prov)
         d._open_providers()
         t0 = time.monotonic()
-        while not store.orphans() and time.monotonic() - t0 < 10:
+        for _ in range(20):  # a provider this store never launched on is not even asked
+            d.tick()
+        assert store.orphans() == [] and not store.ever_launched_on(prov.name)
+        own = w.submit(store, cfg, max_steps=10, save_steps=5)
+        while not store.get_job(own).terminal and time.monotonic() - t0 < 20:
+            d.tick()
+        assert store.get_job(own).state is JobState.SUCCEEDED
+        d._listed.clear()  # list again now rather than in RECONCILE_S
+        while not store.orphans() and time.monotonic() - t0 < 30:
             d.tick()
         (o,) = store.orphans()
         assert o["resource_id"] == "jforeign.1" and "not destroyed" in o["last_error"]
@@ -420,7 +428,7 @@ def test_a_machine_named_like_ours_that_this_store_never_launched_is_left_alone(
         assert prov.machines["jforeign.1"].state != "destroyed"
         prov._destroy({"attempt_id": "jforeign.1"})  # its owner destroyed it
         d._listed.clear()  # list again now rather than in RECONCILE_S
-        while store.orphans() and time.monotonic() - t0 < 20:
+        while store.orphans() and time.monotonic() - t0 < 40:
             d.tick()
         d.calls.shutdown()
         assert store.orphans() == []

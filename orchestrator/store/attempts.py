@@ -183,6 +183,11 @@ class AttemptsMixin(JobsMixin):
         with self._read() as c:
             return self._fetch_attempt(c, attempt_id)
 
+    def ever_launched_on(self, provider: str) -> bool:
+        """Whether any attempt was ever placed on ``provider`` (the reconciler lists only those)."""
+        with self._read() as c:
+            return c.execute("SELECT 1 FROM attempts WHERE provider = ? LIMIT 1", (provider,)).fetchone() is not None
+
     def attempts_for(self, job_id: str) -> list[AttemptRow]:
         """All attempts of a job, by seq."""
         with self._read() as c:
