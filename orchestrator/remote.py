@@ -31,7 +31,7 @@ from infra.credentials import (
     refresh_doc,
     refresh_key,
 )
-from infra.storage import CheckpointStore, StorageError, open_store
+from infra.storage import CheckpointStore, StorageError
 from jobs.channel import write_lease
 from orchestrator.states import AttemptState
 from orchestrator.store import AttemptRow, JobRow
@@ -62,12 +62,11 @@ class RemoteMixin:
         except StorageError as exc:
             raise LeaseNotWritten(f"could not write job {request.job_id}'s lease to its store: {exc}") from None
         cfg = self.config
-        resume_from = (request.spec.get("checkpoint") or {}).get("resume_from")
         try:
             creds = for_attempt(request.store_uri, request.job_id, trusted_host=not prov.marketplace,
                                 on_premises=offer.on_premises, untrusted_hosts=cfg.untrusted_hosts,
                                 duration_s=cfg.credential_duration_s, role_arn=cfg.store_role_arn,
-                                reads=(resume_from,) if resume_from else ())
+                                reads=_reads(request.spec))
         except CredentialError as exc:
             raise ProviderNotConfigured(f"store credentials for {prov.name}: {exc}") from None
         secrets = {**request.secrets, **creds.env}
@@ -105,13 +104,18 @@ class RemoteMixin:
             return
         if time.time() < until - self.config.credential_duration_s / 2:
             return
-        self.calls.start("store", key, self._renew_credentials, job.spec, job.id, att.id,
+        # the job's store as the loop keeps it (one client per store, as the launch uses)
+        self.calls.start("store", key, self._renew_credentials, self._ckpt_store(job), job.spec, job.id, att.id,
                          timeout_s=self.config.call_timeout_s)
 
-    def _renew_credentials(self, spec: dict[str, Any], job_id: str, attempt_id: str) -> float:
-        uri = (spec.get("checkpoint") or {}).get("store") or self.config.default_store
-        resume_from = (spec.get("checkpoint") or {}).get("resume_from")
-        creds = mint(uri, job_id, duration_s=self.config.credential_duration_s, role_arn=self.config.store_role_arn,
-                     reads=(resume_from,) if resume_from else ())
-        open_store(uri).put_bytes(refresh_key(job_id, attempt_id), refresh_doc(creds))
+    def _renew_credentials(self, store: CheckpointStore, spec: dict[str, Any], job_id: str, attempt_id: str) -> float:
+        creds = mint(store.uri, job_id, duration_s=self.config.credential_duration_s,
+                     role_arn=self.config.store_role_arn, reads=_reads(spec))
+        store.put_bytes(refresh_key(job_id, attempt_id), refresh_doc(creds))
         return float(creds.expires_at or time.time())
+
+
+def _reads(spec: dict[str, Any]) -> tuple[str, ...]:
+    """Other jobs an attempt may read from: the job a sweep's rung resumes from."""
+    resume_from = (spec.get("checkpoint") or {}).get("resume_from")
+    return (resume_from,) if resume_from else ()

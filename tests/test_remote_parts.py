@@ -358,3 +358,33 @@ def test_status_names_the_machines_the_reconciler_could_not_destroy(tmp_path, mo
     assert res.exit_code == 0
     assert "1 machine with no live attempt" in res.output and "vast 7001 (attempt j1.1" in res.output
     assert "NEEDS A PERSON: 3 destroys failed, last: HTTP 503" in res.output and "7002" not in res.output
+
+
+def test_the_daemon_renews_an_attempts_credentials_at_half_life(tmp_path, moto_server, s3_bucket):
+    """Past half their life, the daemon mints new scoped credentials and writes them where the
+    payload's session reads them; before that it leaves them alone."""
+    from tests import daemon_world as w
+
+    with aws_env(**AWS, AWS_ENDPOINT_URL=moto_server), w.quiet_logs():
+        uri = f"s3://{s3_bucket}/runs"
+        cfg = w.config(tmp_path, uri)
+        from orchestrator.store import Store
+
+        with Store(cfg.db_path) as db:
+            d = w.daemon(db, cfg, w.provider(w.Faults.none()))
+            job = db.get_job(w.submit(db, cfg))
+            att = db.create_attempt(job.id, provider="faulty", offer_id="faulty-0", usd_per_hour=1.0, start_step=0)
+            fresh = db.update_attempt(att.id, handle={"attempt_id": att.id,
+                                                      "credentials_expire_at": time.time() + 3000})
+            d._keep_credentials(fresh, job)  # 3000 s of 3600 left: not yet
+            assert d.calls.get(("credentials", att.id)) is None
+            old = db.update_attempt(att.id, handle={"attempt_id": att.id,
+                                                    "credentials_expire_at": time.time() + 1000})
+            deadline = time.monotonic() + 30
+            while "credentials_renewed" not in [e.kind for e in db.events(job.id)]:
+                assert time.monotonic() < deadline
+                d._keep_credentials(old, job)
+                time.sleep(0.05)
+            doc = json.loads(open_store(uri).get_bytes(refresh_key(job.id, att.id)))
+            assert doc["AWS_SESSION_TOKEN"] and doc["expires_at"] == pytest.approx(d._creds_until[att.id], abs=1)
+            d.calls.shutdown()
