@@ -75,6 +75,7 @@ SUPPORTED_STORE_SCHEMES: tuple[str, ...] = ("file", "s3")
 DEFAULT_SAVE_EVERY = 50
 MAX_STEPS = 10_000_000  # far beyond any fine-tune; keeps every count a small integer downstream
 MAX_PRIORITY = 1_000_000
+MAX_CHECKPOINT_INTERVAL_S = 7 * 24 * 3600.0  # a week: anything longer is a typo for a step count
 
 _STORE_HINT = "use file:///path or s3://bucket/prefix"
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -372,6 +373,12 @@ class Checkpoint(BaseModel):
     store: str | None = None
     #: Steps between checkpoints; same meaning as the top-level ``save_steps``.
     interval: int | None = Field(None, gt=0, le=MAX_STEPS)
+    #: Seconds of training between checkpoints; ``None``: not time-based. When set, a checkpoint is
+    #: saved at the first step end where at least ``interval_s`` seconds (monotonic clock) have
+    #: passed since the last save, or since training started in this attempt; the step interval
+    #: (``interval``/``save_steps``) still applies too, so it stays a ceiling on the steps between
+    #: checkpoints. The orchestrator can set it from a placement's hazard (Young/Daly).
+    interval_s: float | None = Field(None, gt=0, le=MAX_CHECKPOINT_INTERVAL_S)
     #: How many committed checkpoints to keep.
     keep: int = Field(3, ge=1, le=1000)
     #: Another job (same store) whose newest checkpoint seeds this one when it has none of its own:
