@@ -8,12 +8,15 @@ Contract with the orchestrator:
 - On start it resumes from the newest *committed* checkpoint in the store whose files verify;
   a corrupt or half-written one is skipped.
 - Every ``save_every`` steps the Trainer writes a checkpoint; a callback uploads it and commits it
-  (manifest last), then applies retention.
+  (manifest last), then applies retention. With ``checkpoint.interval_s`` it also saves at the first
+  step end at least that many seconds after the last save (or the start of training here).
 - SIGTERM means "you are being preempted": finish the current step, save, commit, exit 75.
 - ``control.json`` saying stop (a budget cap), or its budget lease running out, means the same,
   with exit 76.
 - It writes ``progress.json`` (step, loss, tokens/s, checkpoint, a heartbeat) to the store as it
-  goes; store outages are ridden out off the training thread (``jobs.channel``).
+  goes; store outages are ridden out off the training thread (``jobs.channel``). ``checkpoint_s``
+  there is the median seconds one checkpoint of this attempt took to save and commit (``None``
+  before the first): the cost the orchestrator weighs against the interruption hazard.
 - Exit codes (``jobs.exits``): 0 done (final adapter committed), 75 preempted, 76 stopped as told
   (both resumable), 2 bad input, 3 this machine cannot run it, 69 the store stayed unreachable,
   1 failure.
@@ -28,8 +31,10 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -194,24 +199,65 @@ def load_model_and_tokenizer(spec, device: str):
     return model, tokenizer, use_bf16
 
 
-def _make_callback(uploader: Uploader, attempt_id: str, progress: Beacon, tokens_per_step: float):
+class TimedUploader(Uploader):
+    """An :class:`Uploader` that also measures what each checkpoint costs: the seconds the Trainer
+    spent writing it (measured by the callback, passed to ``submit``), plus staging it, plus the
+    seconds its commit took on the upload thread (not the time it waited in the queue; store
+    outages ridden out are in it, which the median damps). ``progress.json`` gets the median over
+    this attempt's committed checkpoints as ``checkpoint_s``."""
+
+    def __init__(self, *args: Any, clock=time.monotonic, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.clock = clock
+        self.checkpoint_s: list[float] = []  # save + commit seconds of each committed checkpoint
+        self._save_s: dict[int, float] = {}  # step -> seconds spent on the training thread
+        self._cost_lock = threading.Lock()
+
+    def submit(self, step: int, folder: Path, meta: dict[str, Any], save_s: float = 0.0) -> None:
+        t0 = self.clock()
+        with self._cost_lock:
+            self._save_s[step] = save_s
+        super().submit(step, folder, meta)
+        with self._cost_lock:
+            if step in self._save_s:  # its commit has not finished already (it practically never has)
+                self._save_s[step] += self.clock() - t0
+
+    def _commit(self, step: int, snap: Path, meta: dict[str, Any]) -> None:
+        t0 = self.clock()
+        committed = len(self.committed)
+        super()._commit(step, snap, meta)
+        with self._cost_lock:
+            save_s = self._save_s.pop(step, 0.0)
+        if len(self.committed) == committed:
+            return  # fenced, or superseded by a newer checkpoint: nothing committed, nothing to say
+        self.checkpoint_s.append(save_s + self.clock() - t0)
+        self.progress.update(force=True, checkpoint_s=round(statistics.median(self.checkpoint_s), 4))
+
+
+def _make_callback(uploader: TimedUploader, attempt_id: str, progress: Beacon, tokens_per_step: float,
+                   interval_s: float | None = None, clock=time.monotonic):
     from transformers import TrainerCallback
 
     class StoreCallback(TrainerCallback):
         """Commits each checkpoint the Trainer writes, reports progress, obeys SIGTERM and the
-        daemon's control object (both: save at this step, then leave)."""
+        daemon's control object (both: save at this step, then leave), and asks for a save once
+        ``interval_s`` seconds of training passed since the last one (``clock``: monotonic)."""
 
         def __init__(self) -> None:
             self.t0 = time.time()
             self.start_step: int | None = None
             self.loss: float | None = None
             self.eval_loss: float | None = None
+            self.last_save = clock()  # when the last save ended, or training began in this attempt
+            self.busy_until = clock()  # when the Trainer's last work before a save (step, log, eval) ended
 
         def on_train_begin(self, args, state, control, **kw):
             self.start_step = state.global_step
             self.t0 = time.time()
+            self.last_save = clock()
             PREEMPTION.training = True
-            progress.update(force=True, state="running", step=state.global_step, total_steps=state.max_steps)
+            progress.update(force=True, state="running", step=state.global_step, total_steps=state.max_steps,
+                            checkpoint_s=None)
             if PREEMPTION.requested or progress.should_stop():
                 control.should_training_stop = True
 
@@ -221,6 +267,10 @@ def _make_callback(uploader: Uploader, attempt_id: str, progress: Beacon, tokens
             if logs and "eval_loss" in logs:
                 self.eval_loss = float(logs["eval_loss"])
                 progress.update(force=True, eval_loss=self.eval_loss)
+            self.busy_until = clock()
+
+        def on_evaluate(self, args, state, control, **kw):
+            self.busy_until = clock()
 
         def on_step_end(self, args, state, control, **kw):
             done = state.global_step - (self.start_step or 0)
@@ -232,14 +282,20 @@ def _make_callback(uploader: Uploader, attempt_id: str, progress: Beacon, tokens
                 epoch=state.epoch,
                 tokens_per_s=round(done * tokens_per_step / elapsed, 1),
             )
+            if interval_s is not None and progress.fenced is None and clock() - self.last_save >= interval_s:
+                control.should_save = True  # time-based; the step interval (set by the Trainer) still holds
             if PREEMPTION.requested or progress.should_stop():
                 control.should_save = progress.fenced is None  # a fenced attempt saves nothing
                 control.should_training_stop = True
+            self.busy_until = clock()
 
         def on_save(self, args, state, control, **kw):
+            # the Trainer saved between the end of its last step/log/eval and now
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             uploader.submit(state.global_step, folder,
-                            {"attempt_id": attempt_id, "loss": self.loss, "eval_loss": self.eval_loss})
+                            {"attempt_id": attempt_id, "loss": self.loss, "eval_loss": self.eval_loss},
+                            save_s=clock() - self.busy_until)
+            self.last_save = clock()
 
     return StoreCallback()
 
@@ -363,8 +419,9 @@ def _train(ns: argparse.Namespace, spec, store, job_id: str, progress: Beacon, b
         # peft renders a README model card (a Jinja template compiled anew) into every checkpoint:
         # ~40 % of a tiny model's save time, for a file nobody reads. Only the final adapter gets one.
         model.create_or_update_model_card = lambda *a, **k: None
-    uploader = Uploader(store, job_id, spec.checkpoint.keep, progress, work_dir / "staging")
-    callback = _make_callback(uploader, ns.attempt_id, progress, batch * mean_len)
+    uploader = TimedUploader(store, job_id, spec.checkpoint.keep, progress, work_dir / "staging")
+    callback = _make_callback(uploader, ns.attempt_id, progress, batch * mean_len,
+                              interval_s=spec.checkpoint.interval_s)
     trainer.add_callback(callback)
 
     try:
