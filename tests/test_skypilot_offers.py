@@ -70,34 +70,40 @@ def test_not_installed_says_how_to_install(monkeypatch):
 
 
 def test_no_catalog_no_network_is_fast_and_never_touches_sky(tmp_path):
-    """No catalog: check() is disabled with the reason, offers() raises ProviderUnavailable, sky is
-    never imported (it would try a download with no timeout)."""
+    """No catalog: the clouds of the shipped snapshot are quoted from it (see
+    test_skypilot_snapshot.py); a cloud outside it is disabled with the reason and offers() raises
+    ProviderUnavailable. Either way fast, and sky is never imported (it would try a download with
+    no timeout)."""
     result = run_scenario(tmp_path, """
-    p, q = SkyPilotProvider(), SkyPilotProvider(clouds=["aws", "lambda"])
+    p, q, r = SkyPilotProvider(), SkyPilotProvider(clouds=["aws", "lambda"]), SkyPilotProvider(clouds=["oci"])
     t = time.monotonic()
-    errors = []
-    for prov in (p, q):
+    errors, clouds = [], []
+    for prov in (p, q, r):
         try:
-            offers(prov, 1, 10)
+            clouds.append(sorted({(o["extra"]["cloud"], o["price_source"]) for o in offers(prov, 1, 10)}))
         except Exception as exc:
             errors.append(f"{type(exc).__name__}: {exc}")
-    result = {"check": [p.check(), q.check()], "errors": errors, "s": time.monotonic() - t,
-              "sky": "sky" in sys.modules}
+    result = {"check": [p.check(), q.check(), r.check()], "errors": errors, "clouds": clouds,
+              "s": time.monotonic() - t, "sky": "sky" in sys.modules}
     """)
     assert result["sky"] is False
     assert result["s"] < 3
-    (ok_p, why_p), (ok_q, why_q) = result["check"]
-    assert not ok_p and "no SkyPilot catalog offline" in why_p
-    assert not ok_q and "for aws, lambda" in why_q
-    assert len(result["errors"]) == 2
+    (ok_p, why_p), (ok_q, why_q), (ok_r, why_r) = result["check"]
+    assert ok_p and "quoting aws, azure, gcp, lambda, runpod from the shipped snapshot" in why_p
+    assert ok_q and "quoting aws, lambda from the shipped snapshot" in why_q
+    assert not ok_r and "no SkyPilot catalog offline for oci" in why_r
+    assert result["clouds"] == [[[c, "snapshot"] for c in ("aws", "azure", "gcp", "lambda", "runpod")],
+                                [["aws", "snapshot"], ["lambda", "snapshot"]]]
     # not set up here (a ProviderUnavailable the daemon does not wait for)
-    assert all(e.startswith("ProviderNotConfigured: no SkyPilot catalog could be read offline") for e in result["errors"])
-    assert "aws: no catalog offline" in result["errors"][1]
+    assert len(result["errors"]) == 1
+    assert result["errors"][0].startswith("ProviderNotConfigured: no SkyPilot catalog could be read offline")
+    assert "oci: no catalog offline" in result["errors"][0]
 
 
 def test_a_hung_catalog_read_is_abandoned_not_waited_for(tmp_path, monkeypatch):
     """SkyPilot downloads catalogs with no timeout: a read that never returns costs timeout_s once,
-    and is not started again while it is still stuck."""
+    and is not started again while it is still stuck. (Only AWS is asked for: the other clouds would
+    be quoted from the shipped snapshot, which test_skypilot_snapshot.py covers.)"""
     write_catalog(tmp_path, {"aws": sample_rows()["aws"]})
     monkeypatch.setenv("SKY_RUNTIME_DIR", str(tmp_path))
     release = threading.Event()
@@ -109,7 +115,7 @@ def test_a_hung_catalog_read_is_abandoned_not_waited_for(tmp_path, monkeypatch):
         return []
 
     monkeypatch.setattr(sp_offers, "list_cloud", hang)
-    p = sp.SkyPilotProvider(timeout_s=0.5)
+    p = sp.SkyPilotProvider(clouds=["aws"], timeout_s=0.5)
     try:
         for _ in range(2):
             t = time.monotonic()
@@ -135,7 +141,10 @@ def test_a_failing_cloud_is_skipped_with_its_reason(tmp_path, monkeypatch):
     monkeypatch.setattr(sp_offers, "list_cloud", fake)
     p = sp.SkyPilotProvider()
     offers = p.offers({"resources": {"gpus": 1}}, SimpleNamespace(vram_gb=10))
-    assert [o.offer_id for o in offers] == ["lambda/us-east-1/gpu_1x_a100_sxm4"]
+    catalog = [o.offer_id for o in offers if o.price_source is PriceSource.CATALOG]
+    assert catalog == ["lambda/us-east-1/gpu_1x_a100_sxm4"]
+    # AWS has a catalog here (it failed to read): never quoted from the snapshot instead
+    assert {o.detail("cloud") for o in offers if o.price_source is PriceSource.SNAPSHOT} == {"azure", "gcp", "runpod"}
     assert p.skipped == {"aws": "SkyPilot could not read the aws catalog: RuntimeError: boom"}
 
 
@@ -145,10 +154,12 @@ def test_offers_come_from_skypilots_catalog(tmp_path):
     result = run_scenario(tmp_path, """
     p = SkyPilotProvider()
     only = SkyPilotProvider(clouds=["lambda", "gcp"])
-    result = {"check": p.check(), "one_20": offers(p, 1, 20), "one_30": offers(p, 1, 30),
-              "eight_30": offers(p, 8, 30), "eight_60": offers(p, 8, 60), "cpu": p.offers(
+    def catalog(p, gpus, vram):  # SkyPilot's catalog only: gcp and azure come from the snapshot here
+        return [o for o in offers(p, gpus, vram) if o["price_source"] == "catalog"]
+    result = {"check": p.check(), "one_20": catalog(p, 1, 20), "one_30": catalog(p, 1, 30),
+              "eight_30": catalog(p, 8, 30), "eight_60": catalog(p, 8, 60), "cpu": p.offers(
               {"resources": {"device": "cpu", "gpus": 0}}, None), "only_check": only.check(),
-              "only": offers(only, 1, 20), "only_skipped": only.skipped}
+              "only": offers(only, 1, 20), "only_skipped": only.skipped, "quoted": p.quoted}
     """)
     ok, why = result["check"]
     assert ok and why.startswith("SkyPilot 0.14.1 catalog for aws, lambda, runpod")
@@ -193,10 +204,14 @@ def test_offers_come_from_skypilots_catalog(tmp_path):
     assert prices == sorted(prices)
     assert result["cpu"] == []
 
+    assert result["quoted"] == ["azure", "gcp"]  # no catalog, no `sky check`: the snapshot quotes them
+
+    # gcp has no catalog here and `sky check` did not enable it: quoted from the snapshot, not skipped
     ok, why = result["only_check"]
-    assert ok and "catalog for lambda" in why and "no catalog for gcp" in why
-    assert {o["extra"]["cloud"] for o in result["only"]} == {"lambda"}
-    assert result["only_skipped"] == {"gcp": f"no catalog offline under {tmp_path}/.sky/catalogs/v8"}
+    assert ok and "catalog for lambda" in why and "quoting gcp from the shipped snapshot" in why
+    assert {(o["extra"]["cloud"], o["price_source"]) for o in result["only"]} == {
+        ("lambda", "catalog"), ("gcp", "snapshot")}
+    assert result["only_skipped"] == {}
 
 
 @pytest.mark.slow
@@ -210,11 +225,13 @@ def test_default_clouds_are_those_sky_check_enabled(tmp_path):
     import providers.skypilot as sp
     p = SkyPilotProvider()
     result = {"enabled": sp.enabled_clouds(), "check": p.check(), "clouds": sorted(
-              {o["extra"]["cloud"] for o in offers(p, 1, 20)})}
+              {(o["extra"]["cloud"], o["price_source"]) for o in offers(p, 1, 20)})}
     """)
     assert result["enabled"] == ["aws"]  # Kubernetes has no price catalog
-    assert result["check"] == [True, "SkyPilot 0.14.1 catalog for aws; enabled by `sky check`"]
-    assert result["clouds"] == ["aws"]
+    ok, why = result["check"]
+    assert ok and why.startswith("SkyPilot 0.14.1 catalog for aws; enabled by `sky check`; quoting azure, gcp ")
+    # lambda and runpod have catalogs here but `sky check` did not enable them: neither read nor quoted
+    assert result["clouds"] == [["aws", "catalog"], ["azure", "snapshot"], ["gcp", "snapshot"]]
 
 
 def test_vast_is_never_quoted_through_skypilot():

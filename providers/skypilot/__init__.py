@@ -7,6 +7,9 @@ every read of the catalog and every SDK call runs under a deadline, so nothing h
 - ``offers.py``: the catalog (``$SKY_RUNTIME_DIR/.sky/catalogs/v8/<cloud>/vms.csv``, never handed
   to SkyPilot when absent, each cloud read in a thread), which clouds (argument, ``sky check``, or
   every catalog on disk), the quirks of its rows, spot hazard per cloud, ``check`` and ``offers``.
+- ``snapshot.py``: the shipped, dated snapshot of SkyPilot's catalog (``snapshots/skypilot.json``)
+  that quotes AWS, GCP, Azure, Lambda and RunPod when SkyPilot is not set up for them here (quotes
+  only, never launched from), and ``build`` to refresh it from catalog files.
 - ``launch.py``: one cluster per attempt, ``tf-<attempt>``; the ``sky.Task`` pinned to the offer
   (secrets in ``secrets``, never ``envs``), submitted with ``down=True`` so a lost daemon leaks
   nothing. Vast offers are refused: SkyPilot 0.14.1 can rent a different Vast GPU than asked.

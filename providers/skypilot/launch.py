@@ -31,6 +31,7 @@ from providers.base import (
     LaunchRequest,
     NoCapacity,
     Offer,
+    PriceSource,
     Provider,
     ProviderError,
     TransientError,
@@ -136,6 +137,9 @@ def _offer_target(offer: Offer) -> tuple[str, str, str | None, str]:
     cloud = str(offer.detail("cloud") or offer.offer_id.split("/", 1)[0]).lower()
     if cloud == "vast":
         raise LaunchFailed(VAST_REFUSAL)
+    if offer.price_source is PriceSource.SNAPSHOT:  # decide() never sends one; refuse anyway
+        raise LaunchFailed(f"offer {offer.offer_id} is a quote from the shipped SkyPilot catalog snapshot, not "
+                           "launchable: run `sky check` so SkyPilot's own catalog prices this cloud")
     accelerator = offer.detail("accelerator")
     if not accelerator or not offer.region:
         raise LaunchFailed(f"offer {offer.offer_id} lacks SkyPilot's accelerator name or region")

@@ -21,6 +21,13 @@ Which clouds: the ``clouds`` argument; else those ``sky check`` last enabled (th
 ``enabled_clouds_default_compute`` of ``$SKY_RUNTIME_DIR/.sky/state.db``, read with sqlite3,
 read-only); else every cloud with a catalog on disk, and ``check()`` says ``sky check`` has not run.
 
+Clouds offline too: a cloud of the shipped snapshot (``snapshot.py``: AWS, GCP, Azure, Lambda, RunPod)
+that has no catalog here and that ``sky check`` did not enable is quoted from that snapshot
+(``PriceSource.SNAPSHOT``, dated, never launched from: ``orchestrator.decide`` holds snapshot offers
+as quotes). With the ``clouds`` argument, only those clouds. A cloud ``sky check`` enabled whose
+catalog is on disk is read from SkyPilot's catalog, never from the snapshot; one enabled whose
+catalog is missing is skipped as before (``sky show-gpus`` downloads it).
+
 Quirks handled: ``device_memory`` is GiB per GPU (``SizeInMiB / 1024``); it is None for a whole
 cloud whose ``GpuInfo`` is not a Python literal (GCP, Azure) and 1024x too small for RunPod (its
 fetcher stores GB in ``SizeInMiB``), so it falls back to ``jobs.gpus`` or is scaled back.
@@ -52,6 +59,7 @@ from typing_extensions import override
 from infra.logging import get_logger
 from jobs.gpus import GPUS, canonical_gpu
 from providers.base import Offer, PriceSource, Provider, ProviderNotConfigured
+from providers.skypilot.snapshot import Snapshot, SnapshotError, load_snapshot
 
 if TYPE_CHECKING:
     from jobs.estimate import Estimate
@@ -165,6 +173,7 @@ class SkyPilotOffers(Provider):
     clouds: list[str] | None
     timeout_s: float
     skipped: dict[str, str]
+    quoted: list[str]
     _lock: threading.Lock
     _cache: dict[str, tuple[float, float, list[Row]]]
     _stuck: dict[str, threading.Thread]
@@ -179,6 +188,18 @@ class SkyPilotOffers(Provider):
             return [c for c in enabled if c != "vast"], "enabled by `sky check`"
         return [c for c in clouds_with_catalog() if c != "vast"], "launching needs `sky check` (not run)"
 
+    def _snapshot_clouds(self, have: set[str]) -> tuple[list[str], Snapshot | None, str]:
+        """Clouds to quote from the shipped snapshot: in it, no catalog here, not enabled by
+        ``sky check`` (and among ``clouds`` when given). Also the snapshot, or why it is unusable."""
+        try:
+            snap = load_snapshot()
+        except SnapshotError as exc:
+            log.warning("skypilot snapshot unusable", reason=str(exc))
+            return [], None, str(exc)
+        enabled = set(enabled_clouds() or ())
+        pool = snap.clouds() if self.clouds is None else [c for c in self.clouds if c in snap.clouds()]
+        return [c for c in pool if c != "vast" and c not in have and c not in enabled], snap, ""
+
     @override
     def check(self) -> tuple[bool, str]:
         version = sky_version()
@@ -187,32 +208,42 @@ class SkyPilotOffers(Provider):
         try:
             targets, how = self._targets()
             have = set(clouds_with_catalog())
+            quoted, snap, broken = self._snapshot_clouds(have)
         except OSError as exc:
             return False, f"cannot read SkyPilot's state under {runtime_dir()}: {exc}"
         ready = [c for c in targets if c in have]
-        missing = [c for c in targets if c not in have]
-        if not ready:
+        missing = [c for c in targets if c not in have and c not in quoted]
+        parts: list[str] = []
+        if ready:
+            parts.append(f"SkyPilot {version} catalog for {', '.join(ready)}; {how}")
+        if quoted and snap is not None:
+            parts.append(f"{'' if ready else f'SkyPilot {version}: '}quoting {', '.join(quoted)} from the shipped "
+                         f"snapshot of SkyPilot's catalog ({snap.date}; quotes only, never launched from): "
+                         "run `sky check` with credentials, then `sky show-gpus` once with network access, "
+                         "for live catalogs")
+        if not parts:
             wanted = f" for {', '.join(targets)}" if targets else ""
+            why = f"; {broken}" if broken else ""
             return False, (f"no SkyPilot catalog offline{wanted} under {catalog_dir()}: "
-                           "run `sky show-gpus` once with network access, or write one")
-        reason = f"SkyPilot {version} catalog for {', '.join(ready)}; {how}"
+                           f"run `sky show-gpus` once with network access, or write one{why}")
         if missing:
-            reason += f"; no catalog for {', '.join(missing)}"
-        return True, reason
+            parts.append(f"no catalog for {', '.join(missing)}")
+        return True, "; ".join(parts)
 
     @override
     def offers(self, spec: dict[str, Any], estimate: Estimate | None = None) -> list[Offer]:
         """One offer per (cloud, region, instance type) and on-demand/spot with exactly the job's
         GPU count, whatever its VRAM: the scheduler rejects the small ones and says by how much.
-        Raises ProviderUnavailable when SkyPilot is missing or no cloud could be read (no catalog
-        offline, or every read failed or timed out)."""
+        Clouds with no catalog here that SkyPilot is not set up for come from the shipped snapshot.
+        Raises ProviderUnavailable when SkyPilot is missing or no cloud could be read nor quoted."""
         if sky_version() is None:
             raise ProviderNotConfigured(INSTALL_HINT)
         resources = spec.get("resources") or {}
         if resources.get("device") == "cpu":
             return []
         gpus = max(1, int(resources.get("gpus", 1) or 1))
-        rows = self._rows()
+        quoted, snap, _ = self._snapshot_clouds(set(clouds_with_catalog()))
+        rows = self._rows(quoted)
         out: dict[str, Offer] = {}
         for cloud, (mtime, cloud_rows) in rows.items():
             date = datetime.fromtimestamp(mtime, UTC).date().isoformat()
@@ -220,21 +251,31 @@ class SkyPilotOffers(Provider):
                 for offer in self._row_offers(cloud, row, date):
                     if offer.gpu_count == gpus:
                         out.setdefault(offer.offer_id, offer)
+        if snap is not None:
+            for cloud in quoted:
+                for row in snap.rows.get(cloud, ()):
+                    if int(row[2]) != gpus or canonical_gpu(row[1], row[5]) not in GPUS:
+                        continue  # the live path's rule too: only GPUs jobs.gpus knows
+                    for offer in self._row_offers(cloud, row, snap.date, PriceSource.SNAPSHOT):
+                        out.setdefault(offer.offer_id, offer)
+        self.quoted = quoted
         return sorted(out.values(), key=lambda o: (o.usd_per_hour, o.offer_id))
 
-    def _row_offers(self, cloud: str, row: Row, date: str) -> list[Offer]:
+    def _row_offers(self, cloud: str, row: Row, date: str, source: PriceSource = PriceSource.CATALOG) -> list[Offer]:
         instance, accelerator, count, vcpus, memory, device_memory, price, spot, region = row
         vram = _vram_gib(accelerator, device_memory)
         if vram is None:
             return []  # unknown VRAM: cannot tell the job fits
+        extra: tuple[tuple[str, Any], ...] = (("cloud", cloud), ("instance_type", instance),
+                                              ("accelerator", accelerator), ("vcpus", vcpus), ("memory_gib", memory))
+        if source is PriceSource.SNAPSHOT:  # a quote: say where it comes from and how to get live prices
+            extra += (("price_basis", f"SkyPilot catalog snapshot {date} (run `sky check` for live catalogs)"),)
         base: dict[str, Any] = dict(
             provider=self.name, gpu=canonical_gpu(accelerator, vram), gpu_count=int(count), vram_gb=vram,
             region=region, startup_s=STARTUP_S.get(cloud, DEFAULT_STARTUP_S),
             cpus=int(vcpus) if isinstance(vcpus, int | float) and vcpus == vcpus else 0,
             ram_gb=float(memory) if isinstance(memory, int | float) and memory == memory else 0.0,
-            price_source=PriceSource.CATALOG, price_date=date,
-            extra=(("cloud", cloud), ("instance_type", instance), ("accelerator", accelerator),
-                   ("vcpus", vcpus), ("memory_gib", memory)),
+            price_source=source, price_date=date, price_verified=True, extra=extra,
         )
         found = []
         if price is not None and price > 0:
@@ -244,11 +285,13 @@ class SkyPilotOffers(Provider):
                                hazard_per_hour=SPOT_HAZARD_PER_HOUR.get(cloud, DEFAULT_SPOT_HAZARD), **base))
         return found
 
-    def _rows(self) -> dict[str, tuple[float, list[Row]]]:
-        """Catalog rows per readable cloud, from cache or read under one shared deadline."""
+    def _rows(self, quoted: list[str] | None = None) -> dict[str, tuple[float, list[Row]]]:
+        """Catalog rows per readable cloud, from cache or read under one shared deadline. Raises
+        ProviderNotConfigured when none could be read and no cloud is ``quoted`` from the snapshot."""
         targets, _ = self._targets()
         have = set(clouds_with_catalog())
-        skipped = {c: f"no catalog offline under {catalog_dir()}" for c in targets if c not in have}
+        skipped = {c: f"no catalog offline under {catalog_dir()}" for c in targets if c not in have
+                   and c not in (quoted or ())}
         now = time.monotonic()
         rows: dict[str, tuple[float, list[Row]]] = {}
         with self._lock:
@@ -280,7 +323,7 @@ class SkyPilotOffers(Provider):
             self.skipped = skipped
         for cloud, why in skipped.items():
             log.warning("skypilot cloud skipped", cloud=cloud, reason=why)
-        if not rows:
+        if not rows and not quoted:
             detail = "; ".join(f"{c}: {why}" for c, why in sorted(skipped.items())) or "no cloud has a catalog"
             raise ProviderNotConfigured(f"no SkyPilot catalog could be read offline ({detail})")
         return rows

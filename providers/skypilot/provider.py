@@ -45,6 +45,7 @@ class SkyPilotProvider(SkyPilotOffers, SkyPilotLaunch, SkyPilotStatus, Provider)
         self._launched: dict[str, int | None] = {}  # cluster -> job id, once its launch request succeeded
         self._final: dict[str, RunStatus] = {}  # cluster -> its EXITED status (a cluster autodowns after)
         self.skipped: dict[str, str] = {}  # cloud -> why its offers are missing from the last call
+        self.quoted: list[str] = []  # clouds the last call quoted from the shipped snapshot
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, float, list[Row]]] = {}  # cloud -> (read at, mtime, rows)
         self._stuck: dict[str, threading.Thread] = {}
