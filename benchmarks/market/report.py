@@ -6,15 +6,27 @@ import math
 from html import escape
 from typing import Any
 
+from .policies import POLICIES
 from .sim import RunResult
 
-ORDER = ("tunefleet", "cheapest_per_hour", "on_demand", "local_only", "lower_bound")
-TARGET_VS_LOWER_BOUND = 1.10  # tunefleet's cost per completed job <= 1.10 x the lower bound's
-TARGET_VS_CHEAPEST = 0.75  # ... <= 0.75 x cheapest_per_hour's, with no more deadline misses
+ORDER = tuple(cls.name for cls in POLICIES)
+REFERENCES = ("lower_bound", "cheapest_effective")  # each policy's cost is compared with these two
+SAME_JOBS_EXCLUDED = ("local_only",)  # it completes only what the owned GPUs hold: left out of the common set
+TARGET_VS_CHEAPEST_EFFECTIVE = 0.90  # tunefleet's same-jobs cost <= 0.90 x cheapest_effective's
+TARGET_MISSES_VS_CHEAPEST_EFFECTIVE = 0.5  # tunefleet's deadline misses <= 0.5 x cheapest_effective's
+TARGET_VS_LOWER_BOUND = 1.25  # tunefleet's same-jobs cost <= 1.25 x the lower bound's
 
 
 def _r(x: float | None, n: int = 4) -> float | None:
     return None if x is None or not math.isfinite(x) else round(x, n)
+
+
+def _done(res: RunResult) -> set[str]:
+    return {j.info.track.id for j in res.jobs if j.finished_h is not None}
+
+
+def _cost(res: RunResult, ids: set[str]) -> float:
+    return sum(j.spent for j in res.jobs if j.info.track.id in ids)
 
 
 def figures(res: RunResult) -> dict[str, Any]:
@@ -36,10 +48,15 @@ def figures(res: RunResult) -> dict[str, Any]:
                                     if done else None, 3),
         "work_redone_hours": _r(sum(j.redone_h for j in jobs), 3),
         "restart_overhead_hours": _r(sum(j.overhead_h for j in jobs), 3),
+        "checkpoint_write_hours": _r(sum(j.write_h for j in jobs), 3),
         "interruption_cost_usd": _r(sum(j.lost_usd for j in jobs), 2),
         "preemptions": res.reclaims_hit,
         "preemptions_with_warning": res.reclaims_warned,
+        "preemptions_by_wave": res.wave_reclaims,
+        "preemptions_by_outbid": res.outbids,
+        "launch_failures": res.launch_failures,
         "failed_too_many_preemptions": sum(1 for j in jobs if j.failed and j.failed.startswith("preempted")),
+        "failed_too_many_launch_failures": sum(1 for j in jobs if j.failed and j.failed.startswith("launch")),
         "dropped_deadline_passed": sum(1 for j in jobs if j.failed and j.failed.startswith("deadline")),
         "cost_per_a100_hour_completed": _r(total / work_done if work_done else math.inf),
         "rank_calls": res.rank_calls,
@@ -47,50 +64,74 @@ def figures(res: RunResult) -> dict[str, Any]:
 
 
 def summarize(results: dict[str, RunResult]) -> dict[str, Any]:
-    """Per policy figures, the ratios against the lower bound and cheapest_per_hour, the checks."""
-    pol = {name: figures(results[name]) for name in ORDER if name in results}
-    lb = pol.get("lower_bound", {}).get("cost_per_completed_job")
-    cph = pol.get("cheapest_per_hour", {}).get("cost_per_completed_job")
-    lb_cost = {j.info.track.id: j.spent for j in results["lower_bound"].jobs} if "lower_bound" in results else {}
-    for name, f in pol.items():
-        c = f["cost_per_completed_job"]
-        f["ratio_vs_lower_bound"] = _r(c / lb) if c is not None and lb else None
-        f["ratio_vs_cheapest_per_hour"] = _r(c / cph) if c is not None and cph else None
-        # the lower bound's cost on exactly the jobs this policy completed: a like-for-like ratio
-        done = [j for j in results[name].jobs if j.finished_h is not None]
-        same = sum(lb_cost.get(j.info.track.id, 0.0) for j in done)
-        f["ratio_vs_lower_bound_same_jobs"] = _r(f["total_cost_usd"] / same) if same else None
-    checks = []
-    t, c = pol.get("tunefleet"), pol.get("cheapest_per_hour")
+    """Per policy figures; the ratios against the lower bound and cheapest_effective, both per
+    completed job and on the same jobs; the target checks."""
+    names = [n for n in ORDER if n in results] + [n for n in results if n not in ORDER]
+    pol = {name: figures(results[name]) for name in names}
+    done = {name: _done(results[name]) for name in names}
+    sets = [done[n] for n in names if n not in SAME_JOBS_EXCLUDED]
+    common = set.intersection(*sets) if sets else set()
+    for name in names:
+        f = pol[name]
+        basis = common if done[name] >= common else done[name] & common
+        f["same_jobs_basis"] = "common" if basis is common else f"own completed within common ({len(basis)})"
+        f["same_jobs_cost_usd"] = _r(_cost(results[name], basis), 2)
+        for ref in REFERENCES:
+            if ref not in results:
+                continue
+            c, rc = f["cost_per_completed_job"], pol[ref]["cost_per_completed_job"]
+            f[f"ratio_vs_{ref}"] = _r(c / rc) if c is not None and rc else None
+            ref_cost = _cost(results[ref], basis)
+            f[f"ratio_vs_{ref}_same_jobs"] = _r(_cost(results[name], basis) / ref_cost) if ref_cost > 0 else None
+    same = {"set": "the jobs every policy except " + ", ".join(SAME_JOBS_EXCLUDED) + " completed "
+                   "(for an excluded policy: those of them it completed)",
+            "excluded": list(SAME_JOBS_EXCLUDED), "jobs": len(common), "of": len(next(iter(results.values())).jobs)}
+    return {"policies": pol, "same_jobs": same, "checks": checks(pol)}
+
+
+def checks(pol: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    t, ce = pol.get("tunefleet"), pol.get("cheapest_effective")
+    lb, nl = pol.get("lower_bound"), pol.get("tunefleet_no_learning")
+    if t and ce:
+        v = t.get("ratio_vs_cheapest_effective_same_jobs")
+        out.append({"check": f"tunefleet same-jobs cost <= {TARGET_VS_CHEAPEST_EFFECTIVE:.2f}x cheapest_effective",
+                    "value": v, "target": TARGET_VS_CHEAPEST_EFFECTIVE,
+                    "met": v is not None and v <= TARGET_VS_CHEAPEST_EFFECTIVE})
+        bound = TARGET_MISSES_VS_CHEAPEST_EFFECTIVE * ce["deadline_misses"]
+        out.append({"check": f"tunefleet deadline misses <= {TARGET_MISSES_VS_CHEAPEST_EFFECTIVE:g}x "
+                             "cheapest_effective's",
+                    "value": t["deadline_misses"], "target": bound, "met": t["deadline_misses"] <= bound})
     if t and lb:
-        checks.append({"check": f"tunefleet cost per completed job <= {TARGET_VS_LOWER_BOUND:.2f}x lower bound",
-                       "value": t["ratio_vs_lower_bound"], "target": TARGET_VS_LOWER_BOUND,
-                       "met": t["ratio_vs_lower_bound"] is not None
-                       and t["ratio_vs_lower_bound"] <= TARGET_VS_LOWER_BOUND})
-    if t and c:
-        checks.append({"check": f"tunefleet cost per completed job <= {TARGET_VS_CHEAPEST:.2f}x cheapest_per_hour",
-                       "value": t["ratio_vs_cheapest_per_hour"], "target": TARGET_VS_CHEAPEST,
-                       "met": t["ratio_vs_cheapest_per_hour"] is not None
-                       and t["ratio_vs_cheapest_per_hour"] <= TARGET_VS_CHEAPEST})
-        checks.append({"check": "tunefleet deadline misses <= cheapest_per_hour's",
-                       "value": t["deadline_misses"], "target": c["deadline_misses"],
-                       "met": t["deadline_misses"] <= c["deadline_misses"]})
-    return {"policies": pol, "checks": checks}
+        v = t.get("ratio_vs_lower_bound_same_jobs")
+        out.append({"check": f"tunefleet same-jobs cost <= {TARGET_VS_LOWER_BOUND:.2f}x lower bound",
+                    "value": v, "target": TARGET_VS_LOWER_BOUND, "met": v is not None and v <= TARGET_VS_LOWER_BOUND})
+    if t and nl:
+        tc, nc = t["same_jobs_cost_usd"], nl["same_jobs_cost_usd"]
+        ratio = _r(tc / nc) if nc else None
+        out.append({"check": "tunefleet beats or ties tunefleet_no_learning (same-jobs cost and deadline misses)",
+                    "value": {"cost_ratio": ratio, "misses": t["deadline_misses"]},
+                    "target": {"cost_ratio": 1.0, "misses": nl["deadline_misses"]},
+                    "met": tc <= nc * (1 + 1e-9) and t["deadline_misses"] <= nl["deadline_misses"]})
+    return out
+
+
+COLUMNS = [("policy", None, "{}"), ("total $", "total_cost_usd", "{:.2f}"),
+           ("$/completed job", "cost_per_completed_job", "{:.2f}"), ("completed", "completed", "{}"),
+           ("deadline misses", "deadline_misses", "{}"), ("mean completion h", "mean_completion_hours", "{:.1f}"),
+           ("work redone h", "work_redone_hours", "{:.1f}"), ("preemptions", "preemptions", "{}"),
+           ("launch failures", "launch_failures", "{}"),
+           ("x LB", "ratio_vs_lower_bound", "{:.3f}"), ("x LB same jobs", "ratio_vs_lower_bound_same_jobs", "{:.3f}"),
+           ("x CE", "ratio_vs_cheapest_effective", "{:.3f}"),
+           ("x CE same jobs", "ratio_vs_cheapest_effective_same_jobs", "{:.3f}")]
 
 
 def table(summary: dict[str, Any]) -> str:
-    cols = [("policy", "{}"), ("total $", "{:.2f}"), ("$/completed job", "{:.2f}"), ("completed", "{}"),
-            ("deadline misses", "{}"), ("mean completion h", "{:.1f}"), ("work redone h", "{:.1f}"),
-            ("preemptions", "{}"), ("$/A100-h done", "{:.3f}"), ("x lower bound", "{:.3f}"),
-            ("x cheapest/h", "{:.3f}")]
-    keys = [None, "total_cost_usd", "cost_per_completed_job", "completed", "deadline_misses",
-            "mean_completion_hours", "work_redone_hours", "preemptions", "cost_per_a100_hour_completed",
-            "ratio_vs_lower_bound", "ratio_vs_cheapest_per_hour"]
-    rows = [[h for h, _ in cols]]
+    rows = [[h for h, _, _ in COLUMNS]]
     for name, f in summary["policies"].items():
         row = [name]
-        for (_, fmt), k in zip(cols[1:], keys[1:], strict=True):
-            v = f[k]
+        for _, k, fmt in COLUMNS[1:]:
+            v = f.get(k)
             if k == "completed":
                 row.append(f"{v}/{f['jobs']}")
             elif k == "deadline_misses":
@@ -98,65 +139,63 @@ def table(summary: dict[str, Any]) -> str:
             else:
                 row.append("-" if v is None else fmt.format(v))
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    same = summary.get("same_jobs")
     out = "\n".join(lines)
+    if same:
+        out += (f"\nLB = lower_bound, CE = cheapest_effective; 'same jobs' = the {same['jobs']} of {same['of']} jobs "
+                f"every policy except {', '.join(same['excluded'])} completed")
     for c in summary["checks"]:
         out += f"\n[{'met' if c['met'] else 'MISSED'}] {c['check']}: {c['value']} (target {c['target']})"
     return out
 
 
-COLORS = {"tunefleet": "#1f77b4", "cheapest_per_hour": "#ff7f0e", "on_demand": "#2ca02c",
-          "local_only": "#9467bd", "lower_bound": "#7f7f7f"}
+COLORS = {"tunefleet": "#1f77b4", "tunefleet_no_learning": "#17becf", "cheapest_effective": "#d62728",
+          "cheapest_per_hour": "#ff7f0e", "on_demand": "#2ca02c", "local_only": "#9467bd", "lower_bound": "#7f7f7f"}
 
 
 def svg(summary: dict[str, Any], title: str) -> str:
-    """Two bar charts side by side: cost per completed job, and deadline misses, per policy."""
+    """One scatter plot: cost per completed job (x) against deadline misses (y), a labelled point per policy."""
     pol = summary["policies"]
-    names = list(pol)
-    w, h, pad, gap = 900, 420, 60, 40
-    panel_w = (w - 2 * pad - gap) / 2
-    top, bottom = 70, h - 90
+    pts = [(n, f["cost_per_completed_job"], f["deadline_misses"]) for n, f in pol.items()
+           if f["cost_per_completed_job"] is not None]
+    w, h, left, right, top, bottom = 760, 480, 70, 30, 50, 60
+    xmax = max([x for _, x, _ in pts] + [1e-9]) * 1.12
+    ymax = max([y for _, _, y in pts] + [1]) * 1.12
+    pw, ph = w - left - right, h - top - bottom
+
+    def px(x: float) -> float:
+        return left + pw * x / xmax
+
+    def py(y: float) -> float:
+        return top + ph * (1 - y / ymax)
+
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
              'font-family="sans-serif" font-size="12">',
              f'<rect width="{w}" height="{h}" fill="white"/>',
-             f'<text x="{w / 2}" y="24" text-anchor="middle" font-size="15">{escape(title)}</text>']
-    panels = [("cost per completed job (USD)", "cost_per_completed_job", "{:.2f}"),
-              ("deadline misses (jobs)", "deadline_misses", "{}")]
-    for k, (label, key, fmt) in enumerate(panels):
-        x0 = pad + k * (panel_w + gap)
-        vals = [pol[n][key] if pol[n][key] is not None else 0.0 for n in names]
-        vmax = max(vals + [1e-9]) * 1.15
-        parts.append(f'<text x="{x0 + panel_w / 2}" y="52" text-anchor="middle" font-size="13">{escape(label)}</text>')
-        for g in range(5):
-            v = vmax * g / 4
-            y = bottom - (bottom - top) * g / 4
-            parts.append(f'<line x1="{x0 - 4}" y1="{y:.1f}" x2="{x0 + panel_w}" y2="{y:.1f}" stroke="#ddd"/>')
-            parts.append(f'<text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="10">{v:.3g}</text>')
-        parts.append(f'<line x1="{x0}" y1="{bottom}" x2="{x0 + panel_w}" y2="{bottom}" stroke="#333"/>')
-        parts.append(f'<line x1="{x0}" y1="{top}" x2="{x0}" y2="{bottom}" stroke="#333"/>')
-        if key == "cost_per_completed_job":  # the two cost targets, as dashed lines
-            for ref, factor, text in (("lower_bound", TARGET_VS_LOWER_BOUND, "lower bound"),
-                                      ("cheapest_per_hour", TARGET_VS_CHEAPEST, "cheapest/h")):
-                base = pol.get(ref, {}).get(key)
-                if base is None:
-                    continue
-                y = bottom - (bottom - top) * min(base * factor, vmax) / vmax
-                parts.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x0 + panel_w}" y2="{y:.1f}" stroke="#d62728" '
-                             f'stroke-dasharray="5,4"/>')
-                parts.append(f'<text x="{x0 + panel_w}" y="{y - 3:.1f}" text-anchor="end" font-size="9" '
-                             f'fill="#d62728">target: {factor:g} x {text}</text>')
-        bw = panel_w / len(names)
-        for i, (n, v) in enumerate(zip(names, vals, strict=True)):
-            bh = (bottom - top) * v / vmax
-            x = x0 + i * bw + bw * 0.15
-            parts.append(f'<rect x="{x:.1f}" y="{bottom - bh:.1f}" width="{bw * 0.7:.1f}" height="{bh:.1f}" '
-                         f'fill="{COLORS.get(n, "#555")}"><title>{escape(n)}: {fmt.format(v)}</title></rect>')
-            parts.append(f'<text x="{x + bw * 0.35:.1f}" y="{bottom - bh - 4:.1f}" text-anchor="middle" '
-                         f'font-size="10">{fmt.format(v)}</text>')
-            parts.append(f'<text x="{x + bw * 0.35:.1f}" y="{bottom + 14}" text-anchor="end" font-size="10" '
-                         f'transform="rotate(-30 {x + bw * 0.35:.1f} {bottom + 14})">{escape(n)}</text>')
+             f'<text x="{w / 2}" y="24" text-anchor="middle" font-size="14">{escape(title)}</text>']
+    for g in range(6):
+        x, y = xmax * g / 5, ymax * g / 5
+        parts.append(f'<line x1="{px(x):.1f}" y1="{top}" x2="{px(x):.1f}" y2="{top + ph}" stroke="#eee"/>')
+        parts.append(f'<text x="{px(x):.1f}" y="{top + ph + 16}" text-anchor="middle" font-size="10">{x:.3g}</text>')
+        parts.append(f'<line x1="{left}" y1="{py(y):.1f}" x2="{left + pw}" y2="{py(y):.1f}" stroke="#eee"/>')
+        parts.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end" font-size="10">{y:.3g}</text>')
+    parts.append(f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#333"/>')
+    parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#333"/>')
+    parts.append(f'<text x="{left + pw / 2}" y="{h - 18}" text-anchor="middle">cost per completed job (USD)</text>')
+    parts.append(f'<text x="18" y="{top + ph / 2}" text-anchor="middle" '
+                 f'transform="rotate(-90 18 {top + ph / 2})">deadline misses (jobs)</text>')
+    for k, (n, x, y) in enumerate(sorted(pts, key=lambda p: (p[1], p[2]))):
+        cx, cy = px(x), py(y)
+        dy = -8 if k % 2 == 0 else 16  # alternate labels above and below: close points stay readable
+        parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="5" fill="{COLORS.get(n, "#555")}">'
+                     f'<title>{escape(n)}: ${x:.2f} per job, {y} misses</title></circle>')
+        right_side = cx > left + 0.6 * pw  # labels of points on the right run leftwards, inside the frame
+        tx, anchor = (cx - 7, "end") if right_side else (cx + 7, "start")
+        parts.append(f'<text x="{tx:.1f}" y="{cy + dy:.1f}" text-anchor="{anchor}" font-size="11">'
+                     f'{escape(n)} (${x:.2f}, {y})</text>')
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
