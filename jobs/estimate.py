@@ -31,6 +31,9 @@ REF_TOKENS_PER_S = {"qlora": 2400.0, "lora": 3100.0, "full": 2000.0}  # 7B on on
 REF_PARAMS_B = 7.0
 MAX_TOKENS_PER_S_A100 = 400_000.0  # tiny models are bound by overheads, not FLOPs
 MULTI_GPU_EFFICIENCY = 0.9
+# One checkpoint's save + upload before the payload has measured one (progress ``checkpoint_s``):
+CHECKPOINT_FIXED_S = 10.0  # write, fsync, commit marker, a few small files
+CHECKPOINT_UPLOAD_GBPS = 2.0  # a rented machine's upload to object storage, gigabits/s
 
 # (params_b upper bound, hidden, layers, vocab) when no config.json is at hand
 _SHAPES = [(1.5, 2048, 16, 128_000), (4.5, 3072, 28, 128_000), (9.5, 4096, 32, 128_000),
@@ -78,6 +81,20 @@ class Estimate:
         if not tps:
             return None
         return self.tokens / tps / 3600.0
+
+    @property
+    def checkpoint_gb(self) -> float:
+        """Size of one checkpoint: the trained weights with their Adam state (fp32 master, m, v:
+        ~12 bytes a parameter on top of the 16-bit weights, i.e. ~14 in all). An adapter's is small."""
+        if self.method in ("qlora", "lora"):
+            return max(0.01, (self.weights_gb - self.model.params_b * (0.55 if self.method == "qlora" else 2) - 0.5)
+                       / 16 * 14)
+        return self.model.params_b * 14
+
+    def checkpoint_s(self, upload_gbps: float = CHECKPOINT_UPLOAD_GBPS) -> float:
+        """Seconds to save and upload one checkpoint, before any was measured: a fixed part (write,
+        fsync, commit marker) plus the bytes over ``upload_gbps`` gigabits per second."""
+        return CHECKPOINT_FIXED_S + self.checkpoint_gb * 8 / max(upload_gbps, 1e-3)
 
     def to_dict(self) -> dict[str, Any]:
         return {
