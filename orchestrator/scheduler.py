@@ -12,8 +12,24 @@ work is the classic checkpoint/restart result
 
     T = (W / τ) · (1/λ + R) · (e^{λτ} − 1)      (→ W as λ → 0)
 
-and the expected cost is price × (start-up + T). A managed API that prices the whole job
-(``offer.usd_total``) costs exactly that. Ties break by expected finish time.
+and the expected cost is price × (start-up + T). Each checkpoint costs C hours to save and
+upload (measured by the payload, ``checkpoint_s``; estimated before), so a segment is τ + C long:
+``T = (W / τ) · (1/λ + R) · (e^{λ(τ+C)} − 1)`` (→ W·(1 + C/τ) as λ → 0). A managed API that prices
+the whole job (``offer.usd_total``) costs exactly that. Ties break by expected finish time.
+
+The checkpoint interval is chosen per offer: the Young/Daly optimum τ* = √(2·C/λ), at most the
+job's own interval (``save_steps``, its hours on that offer: a ceiling) and at least
+``MIN_INTERVAL_H``. Each offer is priced at its own τ*, and ``Placement.interval_h`` hands it to
+the payload as a time-based interval (``checkpoint.interval_s``) when it is shorter than the
+job's.
+
+Re-placement is priced: an interrupted job does not restart on the same offer at the same price
+(the machine is gone for a while). For an interruptible offer with a fallback, the next-best
+viable offer on another host, the expected cost is what it costs here until the first
+interruption or the end, plus, with the probability of an interruption, the remaining share of
+the job at the fallback's expected cost and a reload there. So a cheap risky offer whose fallback
+is dear is priced as such, and offers that leave somewhere good to go are preferred. Finish
+times (the deadline check) still assume restarts in place.
 
 Owned is a tie-break, not a trump: owned hardware is priced at its marginal (power) cost, and it
 wins over a rented offer when its expected cost is within ``owned_tolerance`` (default 25 %) of
@@ -38,6 +54,7 @@ from orchestrator.budget import usd
 from providers.base import Offer
 
 RESTART_OVERHEAD_H = 2 / 60  # reload model + download checkpoint, on top of the offer's start-up
+MIN_INTERVAL_H = 5 / 60  # never checkpoint more often than this (storage churn, step granularity)
 OWNED_TOLERANCE = 0.25  # owned capacity wins if it costs at most this much more than the best rented
 
 
@@ -73,6 +90,9 @@ class Placement:
     risk: float = 0.0  # probability of at least one interruption
     avoided: bool = False  # failed or was lost recently: used only when nothing else is viable
     code: RejectCode | None = None  # why rejected (None when viable)
+    interval_h: float | None = None  # chosen checkpoint interval (hours of training) when shorter than the job's
+    fallback: str | None = None  # provider/offer_id the job would likely be re-placed on after a loss
+    replace_usd: float = 0.0  # the part of est_usd expected to be spent on the fallback
 
     @property
     def reason(self) -> str:
@@ -87,6 +107,10 @@ class Placement:
             rework = self.est_hours - startup_h - self.work_hours
             if self.offer.hazard_per_hour > 0:
                 text += f", +{rework:.2f} h expected rework/restarts (risk {self.risk:.0%})"
+                if self.interval_h is not None:
+                    text += f", checkpoint every {self.interval_h * 60:.0f} min"
+                if self.fallback is not None:
+                    text += f", {usd(self.replace_usd)} expected on {self.fallback} if lost"
         return text + ("; recently lost, last resort" if self.avoided else "")
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,6 +131,11 @@ class Placement:
             "est_usd": _round(self.est_usd),
             "finish_at": self.finish_at,
             "risk": round(self.risk, 4),
+            "hazard_advertised": o.detail("hazard_advertised", o.hazard_per_hour),
+            "hazard_observations": o.detail("hazard_observations", 0),
+            "interval_h": _round(self.interval_h),
+            "fallback": self.fallback,
+            "replace_usd": round(self.replace_usd, 4),
             "viable": self.viable,
             "reason": self.reason,
             "code": None if self.code is None else str(self.code),
@@ -120,19 +149,29 @@ def _round(x: float | None, n: int = 4) -> float | None:
     return None if x is None else round(x, n)
 
 
-def expected_wall_hours(work_h: float, hazard: float, interval_h: float, restart_h: float) -> float:
-    """Expected time to finish ``work_h`` hours of work under Poisson interruptions (see module doc)."""
+def expected_wall_hours(work_h: float, hazard: float, interval_h: float, restart_h: float,
+                        write_h: float = 0.0) -> float:
+    """Expected time to finish ``work_h`` hours of work under Poisson interruptions, checkpointing
+    every ``interval_h`` hours of work at ``write_h`` hours a checkpoint (see module doc)."""
     if work_h <= 0:
         return 0.0
-    if hazard <= 0:
-        return work_h
     tau = work_h if interval_h >= work_h else (interval_h if interval_h > 1e-6 else 1e-6)
-    x = hazard * tau
+    if hazard <= 0:
+        return work_h * (1.0 + write_h / tau)
+    x = hazard * (tau + write_h)
     if x > 50:  # would never finish
         return math.inf
     if x < 1e-6:  # series expansion: 1/λ · expm1(λτ) underflows to inf · 0 for tiny λ
-        return work_h * (1.0 + x / 2 + hazard * restart_h * (1.0 + x / 2))
+        return (work_h / tau) * (tau + write_h) * (1.0 + x / 2) * (1.0 + hazard * restart_h)
     return (work_h / tau) * (1.0 / hazard + restart_h) * math.expm1(x)
+
+
+def young_daly(hazard: float, write_h: float, ceiling_h: float, floor_h: float = MIN_INTERVAL_H) -> float:
+    """The checkpoint interval (hours of work) that minimises expected wall time: τ* ≈ √(2·C/λ)
+    (Young 1974, Daly 2006), within [floor_h, ceiling_h] (the ceiling wins if they cross)."""
+    if hazard <= 0 or write_h <= 0:
+        return ceiling_h
+    return min(ceiling_h, max(floor_h, math.sqrt(2.0 * write_h / hazard)))
 
 
 def _deadline(policy: dict[str, Any]) -> float | None:
@@ -219,6 +258,9 @@ def rank(
     spent_usd: float = 0.0,
     done_steps: int = 0,
     owned_tolerance: float = OWNED_TOLERANCE,
+    checkpoint_s: float | None = None,
+    adaptive_interval: bool = True,
+    price_replacement: bool = True,
 ) -> list[Placement]:
     """Every offer, viable ones first, by expected cost of the completed job. Never calls the network.
 
@@ -226,6 +268,9 @@ def rank(
     and only policy is checked). ``done_steps`` of work already committed are not paid again;
     ``spent_usd`` already spent counts against ``policy.max_usd``. Owned offers rank as if they
     cost ``1 / (1 + owned_tolerance)`` of their expected cost (``policy.prefer_owned``: first).
+    ``checkpoint_s``: one checkpoint's measured save + upload seconds (None: estimated from the
+    checkpoint's size). ``adaptive_interval=False`` keeps the job's own interval on every offer;
+    ``price_replacement=False`` prices every restart in place (both as tunefleet did before).
     """
     policy = spec.get("policy") or {}
     deadline = _deadline(policy)
@@ -235,10 +280,15 @@ def rank(
     left = max(0.0, 1.0 - done_steps / steps) if steps else 1.0
     save_every = (spec.get("checkpoint") or {}).get("interval") or spec.get("save_steps") or 50
     ckpt_frac = min(1.0, save_every / steps) if steps else 1.0  # checkpoint interval, as a fraction of the job
+    own_s = (spec.get("checkpoint") or {}).get("interval_s")  # the job's own time-based interval, if any
+    own_h = float(own_s) / 3600.0 if own_s else math.inf
     checker = _Policy(spec, getattr(estimate, "vram_gb", None))
     owned_discount = 1.0 / (1.0 + max(0.0, owned_tolerance))
     prefer_owned = checker.prefer_owned
     hours_cache: dict[tuple[str, int], float | None] = {}
+    if checkpoint_s is None and hasattr(estimate, "checkpoint_s"):
+        checkpoint_s = estimate.checkpoint_s()
+    write_h = max(0.0, checkpoint_s or 0.0) / 3600.0
 
     def hours(gpu: str, count: int) -> float | None:
         key = (gpu, count)
@@ -272,21 +322,30 @@ def rank(
                 rejected.append((offer.provider, offer.offer_id, i, Placement(offer, False, reason, code=code)))
                 continue
         p = _place(offer, estimate, hours, now, left, ckpt_frac, deadline, max_usd,
-                   spent_usd, bool(avoid_set) and (offer.provider, offer.offer_id) in avoid_set)
-        if p.viable:  # a flat tuple sorts at C speed: not recently lost; a checked price; owned by policy;
-            # cost; finish; $/h; ids (a placeholder price never ranks above a checked one)
-            cost = math.inf if p.est_usd is None else p.est_usd * (owned_discount if offer.owned else 1.0)
-            viable.append((p.avoided, offer.placeholder, prefer_owned and not offer.owned, cost,
-                           math.inf if p.finish_at is None else p.finish_at, offer.usd_per_hour,
-                           offer.provider, offer.offer_id, i, p))
+                   spent_usd, bool(avoid_set) and (offer.provider, offer.offer_id) in avoid_set,
+                   write_h, adaptive_interval, own_h)
+        if p.viable:
+            viable.append(p)
         else:
             rejected.append((offer.provider, offer.offer_id, i, p))
+    if price_replacement and len(viable) > 1:
+        _price_replacement(viable)
+    keyed = []
+    for i, p in enumerate(viable):  # a flat tuple sorts at C speed: not recently lost; a checked price;
+        # owned by policy; cost; finish; $/h; ids (a placeholder price never ranks above a checked one)
+        offer = p.offer
+        cost = math.inf if p.est_usd is None else p.est_usd * (owned_discount if offer.owned else 1.0)
+        keyed.append((p.avoided, offer.placeholder, prefer_owned and not offer.owned, cost,
+                      math.inf if p.finish_at is None else p.finish_at, offer.usd_per_hour,
+                      offer.provider, offer.offer_id, i, p))
+    viable = keyed
     viable.sort()
     rejected.sort()
     return [t[-1] for t in viable] + [t[-1] for t in rejected]
 
 
-def _place(offer, estimate, hours, now, left, ckpt_frac, deadline, max_usd, spent_usd, avoided) -> Placement:
+def _place(offer, estimate, hours, now, left, ckpt_frac, deadline, max_usd, spent_usd, avoided,
+           write_h=0.0, adaptive=True, own_h=math.inf) -> Placement:
     """One viable-by-policy offer: expected hours, cost, finish and risk (the hot loop of ``rank``)."""
     if estimate is None:
         return Placement(offer, True, None, avoided=avoided)
@@ -299,14 +358,21 @@ def _place(offer, estimate, hours, now, left, ckpt_frac, deadline, max_usd, spen
     work_h = full_h * left
     startup_h = offer.startup_s / 3600.0
     hazard = offer.hazard_per_hour
-    if hazard > 0:
-        wall_h = expected_wall_hours(work_h, hazard, full_h * ckpt_frac, startup_h + RESTART_OVERHEAD_H)
+    ceiling_h = min(full_h * ckpt_frac, own_h)
+    interval_h = None
+    if offer.usd_total is not None:  # a managed API keeps its own checkpoints
+        wall_h, risk = work_h, 0.0
+    elif hazard > 0:
+        tau = young_daly(hazard, write_h, ceiling_h) if adaptive else ceiling_h
+        if tau < ceiling_h * 0.99:
+            interval_h = tau
+        wall_h = expected_wall_hours(work_h, hazard, tau, startup_h + RESTART_OVERHEAD_H, write_h)
         if wall_h == math.inf:
             return Placement(offer, False, "interrupted too often to ever finish between checkpoints", work_h,
                              code=RejectCode.NEVER_FINISHES)
         risk = 1.0 - math.exp(-hazard * wall_h)
     else:
-        wall_h, risk = work_h, 0.0
+        wall_h, risk = expected_wall_hours(work_h, 0.0, ceiling_h, 0.0, write_h), 0.0
     est_h = startup_h + wall_h
     est_usd = offer.usd_per_hour * est_h if offer.usd_total is None else offer.usd_total * left
     finish = now + est_h * 3600.0
@@ -317,4 +383,45 @@ def _place(offer, estimate, hours, now, left, ckpt_frac, deadline, max_usd, spen
     if deadline is not None and finish > deadline:
         why = f"expected to finish {(finish - deadline) / 3600.0:.1f} h after the deadline"
         return Placement(offer, False, why, work_h, est_h, est_usd, finish, risk, avoided, RejectCode.DEADLINE)
-    return Placement(offer, True, None, work_h, est_h, est_usd, finish, risk, avoided)
+    return Placement(offer, True, None, work_h, est_h, est_usd, finish, risk, avoided, interval_h=interval_h)
+
+
+def _host(offer: Offer) -> str:
+    host = offer.detail("host") or offer.detail("machine_id") if offer.extra else None
+    return f"{offer.provider}/{host}" if host is not None else f"{offer.provider}/{offer.offer_id}"
+
+
+def _price_replacement(viable: list[Placement]) -> None:
+    """Add to each interruptible placement the premium of its likely re-placement: with the chance
+    of an interruption before the end, the share of the job still to do then costs what the
+    fallback (the cheapest other viable offer on another host) costs instead of this offer's price.
+    A premium, never a discount: a fallback cheaper than here changes nothing (it would be chosen
+    first). It grows with the hazard and shrinks as this offer's price rises, so a worse hazard or
+    price never makes an offer cheaper."""
+    cands = sorted((p.est_usd, p.offer.provider, p.offer.offer_id, k) for k, p in enumerate(viable)
+                   if p.est_usd is not None and p.work_hours and not p.avoided and not p.offer.placeholder)
+    if len(cands) < 2:
+        return
+    best = [(viable[c[3]], c[0]) for c in cands[:3]]  # with their own cost, before any premium
+    for p in viable:
+        o = p.offer
+        if o.hazard_per_hour <= 0 or p.est_usd is None or not p.work_hours or o.usd_total is not None:
+            continue
+        host = _host(o)
+        fb, fb_usd = next(((q, c) for q, c in best if q is not p and _host(q.offer) != host), (None, 0.0))
+        if fb is None:
+            continue
+        lam, startup_h, work_h = o.hazard_per_hour, o.startup_s / 3600.0, p.work_hours
+        here_usd = o.usd_per_hour * (startup_h + work_h)  # the rest of the job here, uninterrupted
+        if fb_usd <= here_usd:
+            continue
+        run_h = startup_h + work_h
+        x = lam * run_h
+        if x < 1e-9:
+            continue
+        hit = -math.expm1(-x)  # P(an interruption before the end)
+        at_hit = 1.0 / lam - run_h * math.exp(-x) / hit  # E[when | before the end]
+        rest = min(1.0, max(0.0, 1.0 - max(0.0, at_hit - startup_h) / work_h))
+        p.replace_usd = hit * rest * (fb_usd - here_usd)
+        p.est_usd += p.replace_usd
+        p.fallback = f"{fb.offer.provider}/{fb.offer.offer_id}"

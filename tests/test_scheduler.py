@@ -141,14 +141,20 @@ def test_a_worse_price_or_hazard_never_moves_an_offer_up(offers, policy, data, f
     spec = job(**policy)
     i = data.draw(st.integers(0, len(offers) - 1))
     target = offers[i]
-    before = rank(spec, EST, offers, now=NOW)
     worse_value = getattr(target, field) * factor + (0.01 if field == "hazard_per_hour" else 0)
     worse = replace(target, **{field: worse_value})
-    after = rank(spec, EST, offers[:i] + [worse] + offers[i + 1:], now=NOW)
-    was, now_ = before[_position(before, target.offer_id)], after[_position(after, target.offer_id)]
-    assert _position(after, target.offer_id) >= _position(before, target.offer_id), (was, now_)
-    if was.viable and now_.viable and was.est_usd is not None:
-        assert now_.est_usd >= was.est_usd
+    changed = offers[:i] + [worse] + offers[i + 1:]
+    # Its own expected cost never falls, re-placement priced or not. Its position is checked with
+    # restarts priced in place: with re-placement priced, the other offers' costs depend on it
+    # (it may be their fallback), so a worse target makes them dearer too.
+    for replacing in (True, False):
+        before = rank(spec, EST, offers, now=NOW, price_replacement=replacing)
+        after = rank(spec, EST, changed, now=NOW, price_replacement=replacing)
+        was, now_ = before[_position(before, target.offer_id)], after[_position(after, target.offer_id)]
+        if not replacing:
+            assert _position(after, target.offer_id) >= _position(before, target.offer_id), (was, now_)
+        if was.viable and now_.viable and was.est_usd is not None:
+            assert now_.est_usd >= was.est_usd * (1 - 1e-12)
 
 
 @SETTINGS
@@ -212,10 +218,15 @@ def test_cheapest_per_hour_is_not_cheapest_per_completed_job():
     spec["save_steps"] = 1000  # checkpoints every half of the job
     flaky = offer("vast", "A100-80GB", 0.80, interruptible=True, hazard_per_hour=1.5, offer_id="flaky")
     steady = offer("skypilot", "A100-80GB", 1.10, offer_id="steady")
-    placements = rank(spec, EST, [flaky, steady], now=NOW)
+    placements = rank(spec, EST, [flaky, steady], now=NOW, adaptive_interval=False)
     assert [p.offer.offer_id for p in placements] == ["steady", "flaky"]
     assert placements[1].est_usd > placements[0].est_usd
     assert placements[1].risk > 0.5
+    # Checkpointing at the flaky offer's own Young/Daly interval instead rescues most of its work.
+    adaptive = {p.offer.offer_id: p for p in rank(spec, EST, [flaky, steady], now=NOW)}
+    assert adaptive["flaky"].est_usd < placements[1].est_usd
+    assert adaptive["flaky"].interval_h is not None and adaptive["flaky"].interval_h < EST.hours("A100-80GB") / 2
+    assert adaptive["steady"].interval_h is None  # nothing interrupts it: the job's own interval
     # With frequent checkpoints and a calm market the spot offer wins again.
     spec["save_steps"] = 10
     calm = replace(flaky, hazard_per_hour=0.05)
