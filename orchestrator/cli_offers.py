@@ -25,9 +25,11 @@ def providers(json_out: JsonOpt = False) -> None:
     config = _config()
     built, broken = build_providers(config, light=True)
     health: dict[str, dict[str, Any]] = {}
+    learned: list[dict[str, Any]] = []
     if config.db_path.is_file():
         with _store(config) as store:
             health = store.provider_health()
+            learned = _learned_rows(store)
     now = time.time()
     rows = []
     for name in PROVIDERS:
@@ -48,6 +50,8 @@ def providers(json_out: JsonOpt = False) -> None:
             enabled, reason = False, f"check failed: {exc}"
         rows.append({"provider": name, "enabled": enabled, "launchable": prov.launchable, "reason": reason,
                      "daemon": daemon})
+    for r in rows:
+        r["learned"] = [x for x in learned if x["provider"] == r["provider"]]
     if json_out:
         _emit_json(rows)
         return
@@ -61,6 +65,40 @@ def providers(json_out: JsonOpt = False) -> None:
         table.add_row(r["provider"], "[green]yes[/]" if r["enabled"] else "[yellow]no[/]",
                       "yes" if r["launchable"] else "not yet", says, r["reason"])
     console.print(table)
+    if learned:
+        console.print("\n[bold]Interruption hazards: advertised vs learned from this store's attempts[/]")
+        t = Table(box=None, header_style="bold")
+        for col in ("PROVIDER", "GPU", "HOST", "ATTEMPTS", "HOURS", "INTERRUPTED", "ADVERTISED /H", "LEARNED /H"):
+            t.add_column(col, justify="left" if col in ("PROVIDER", "GPU", "HOST") else "right")
+        for x in learned:
+            t.add_row(x["provider"], x["gpu"], x["host"] or "(all hosts)", str(x["attempts"]), f"{x['hours']:.1f}",
+                      str(x["interruptions"]), f"{x['advertised_per_hour']:.4f}", f"{x['learned_per_hour']:.4f}")
+        console.print(t)
+
+
+def _learned_rows(store, hosts: int = 5) -> list[dict[str, Any]]:
+    """Per (provider, GPU), and for its ``hosts`` riskiest hosts: the hours observed, interruptions,
+    and the mean advertised vs learned hazard over those hours (``orchestrator.learning``)."""
+    from orchestrator.learning import MarketModel
+
+    model = MarketModel(store.exposure_tallies())
+    out = []
+    for provider, gpu, t, factor in model.groups():
+        adv = t.expected / t.hours if t.hours else 0.0
+        out.append({"provider": provider, "gpu": gpu, "host": "", "attempts": t.attempts, "hours": round(t.hours, 3),
+                    "interruptions": t.interruptions, "advertised_per_hour": round(adv, 5),
+                    "learned_per_hour": round(adv * factor, 5), "factor": round(factor, 4)})
+        mine = []
+        for p, g, host, h in model.hosts():
+            if (p, g) != (provider, gpu) or not h.hours:
+                continue
+            f = (model.host_prior * factor + h.interruptions) / (model.host_prior + h.expected)
+            a = h.expected / h.hours
+            mine.append({"provider": p, "gpu": g, "host": host, "attempts": h.attempts, "hours": round(h.hours, 3),
+                         "interruptions": h.interruptions, "advertised_per_hour": round(a, 5),
+                         "learned_per_hour": round(a * f, 5), "factor": round(f, 4)})
+        out += sorted(mine, key=lambda x: -x["factor"])[:hosts]
+    return out
 
 
 def _spec_and_estimate(job_file: Path):
@@ -138,7 +176,8 @@ def offers(
                     "problems": problems})
         return
     table = Table(box=None, header_style="bold")
-    cols = ["PROVIDER", "GPU", "$/H", "EST H", "EST $", "RISK", "PRICE", "LAUNCH"] + (["WHY NOT"] if show_all else [])
+    cols = (["PROVIDER", "GPU", "$/H", "EST H", "EST $", "RISK"] + (["HAZARD /H"] if show_all else [])
+            + ["PRICE", "LAUNCH"] + (["WHY NOT"] if show_all else []))
     for col in cols:
         table.add_column(col, justify="right" if col in ("$/H", "EST H", "EST $", "RISK") else "left",
                          no_wrap=col != "WHY NOT", overflow="fold", min_width=30 if col == "WHY NOT" else None)
@@ -148,7 +187,10 @@ def offers(
         launch = "yes" if (o.provider, o.offer_id) in d.ready else ("quote only" if p.viable else "-")
         row = [f"{o.provider}{' (spot)' if o.interruptible else ''}", gpu, f"{o.usd_per_hour:.3f}",
                f"{p.est_hours:.2f}" if p.est_hours is not None else "-",
-               usd(p.est_usd) if p.est_usd is not None else "-", f"{p.risk:.0%}", o.provenance, launch]
+               usd(p.est_usd) if p.est_usd is not None else "-", f"{p.risk:.0%}"]
+        if show_all:
+            row.append(_hazard_text(o))
+        row += [o.provenance, launch]
         if show_all:
             row.append("" if p.viable else f"[red]{escape(p.reason)}[/]")
         table.add_row(*row)
@@ -162,10 +204,21 @@ def offers(
         err.print(f"[yellow]{name}[/]: {escape(why)}")
 
 
+def _hazard_text(o) -> str:
+    """The hazard ranked, and the advertised one with the observations behind it when learning moved it."""
+    if not o.interruptible and o.hazard_per_hour <= 0:
+        return "-"
+    adv = o.detail("hazard_advertised")
+    if adv is None:
+        return f"{o.hazard_per_hour:.3f} (advertised)"
+    return f"{o.hazard_per_hour:.3f} (adv {adv:.3f}, {o.detail('hazard_observations', 0)} obs)"
+
+
 def _decision(config: Config, spec: dict[str, Any], est, offers_list, built, problems, disabled):
     """``decide`` with the inputs the daemon would use now: the store's caps and live attempts, the
     providers' health as the daemon last saw it, and which providers can launch."""
     from orchestrator.decide import JobView, Usage, decide
+    from orchestrator.learning import MarketModel
     from orchestrator.spending import Caps
 
     now = time.time()
@@ -173,8 +226,12 @@ def _decision(config: Config, spec: dict[str, Any], est, offers_list, built, pro
     disabled = dict(disabled)
     live: list = []
     caps: list = []
+    market = None
+    checkpoint_s = None
     if config.db_path.is_file():
         with _store(config) as store:
+            market = MarketModel(store.exposure_tallies())
+            checkpoint_s = store.checkpoint_cost(spec["base_model"], spec.get("adapter") or "full")
             live = store.live_attempts()
             records = {e.attempt_id: e.data for a in live for e in store.events(a.job_id)
                        if e.kind == "attempt_created" and e.attempt_id == a.id}
@@ -191,5 +248,5 @@ def _decision(config: Config, spec: dict[str, Any], est, offers_list, built, pro
         counts[a.provider] = counts.get(a.provider, 0) + 1
     usage = Usage(live=counts, limits=dict(config.provider_limits), down=down, disabled=disabled,
                   launchable=frozenset(n for n, p in built.items() if p.launchable),
-                  owned_tolerance=config.owned_tolerance)
-    return decide(JobView("(file)", spec), est, offers_list, caps, usage, now)
+                  owned_tolerance=config.owned_tolerance, market=market)
+    return decide(JobView("(file)", spec, checkpoint_s=checkpoint_s), est, offers_list, caps, usage, now)

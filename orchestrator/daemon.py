@@ -41,6 +41,7 @@ from orchestrator.calls import Calls
 from orchestrator.decide import Code
 from orchestrator.ending import EndingMixin
 from orchestrator.health import Health
+from orchestrator.learning import MarketModel
 from orchestrator.placing import SETTLE_S, PlacingMixin
 from orchestrator.reconcile import ReconcileMixin
 from orchestrator.remote import RemoteMixin
@@ -111,6 +112,7 @@ class Daemon(WatchMixin, EndingMixin, PlacingMixin, RemoteMixin, ReconcileMixin)
         self.stop = threading.Event()
         self._stores: dict[str, CheckpointStore] = {}
         self._estimates: dict[str, Any] = {}  # job id -> Estimate (None when it cannot be made)
+        self._market: MarketModel | None = None  # learned hazards (orchestrator.learning), read on first use
         self._avoid: dict[tuple[str, str], float] = {}  # (provider, offer) -> until: ranks last
         self._blocked: dict[tuple[str, str], float] = {}  # (provider, offer) -> until: not used
         self._checked: dict[str, float] = {}  # job id -> when placement was last decided

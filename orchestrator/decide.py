@@ -8,6 +8,9 @@ about placing a job lives here; ``orchestrator.scheduler.rank`` prices and order
 
 The verdicts, each with a reason *code* (``Code``) and a line of text:
 
+Offers are ranked at their *learned* hazards where ``usage.market`` has observed their provider,
+GPU model or host (``orchestrator.learning``); the advertised figure stays in the offer's extra.
+
 - **place** on the best ready offer: viable for the job (``rank``), launchable (not a snapshot
   quote, from a provider this caller can launch on), its provider neither down nor at its
   concurrency limit, the offer not blocked after a failure; and the expected cost fits every cap.
@@ -29,6 +32,7 @@ from enum import StrEnum
 from typing import Any
 
 from orchestrator.budget import Cap, Shortfall, launch_refusal
+from orchestrator.learning import MarketModel
 from orchestrator.scheduler import OWNED_TOLERANCE, Placement, RejectCode, rank
 from providers.base import Offer, PriceSource
 
@@ -66,6 +70,7 @@ class JobView:
     spec: dict[str, Any]
     spent_usd: float = 0.0
     done_steps: int = 0
+    checkpoint_s: float | None = None  # one checkpoint's measured save + upload (None: estimated)
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,9 @@ class Usage:
     blocked: Mapping[tuple[str, str], float] = field(default_factory=dict)  # offer -> until: not used
     sweep_full: bool = False
     owned_tolerance: float = OWNED_TOLERANCE
+    # what attempts have shown about hazards (orchestrator.learning); None: advertised figures only
+    market: MarketModel | None = None
+    adaptive_interval: bool = True  # False: every offer checkpoints at the job's own interval
 
 
 @dataclass(frozen=True)
@@ -104,7 +112,8 @@ class Decision:
         p = self.placement
         return {"verdict": str(self.verdict), "code": str(self.code), "text": self.text, "until": self.until,
                 "provider": p.offer.provider if p else None, "offer_id": p.offer.offer_id if p else None,
-                "est_usd": p.est_usd if p else None, "est_hours": p.est_hours if p else None}
+                "est_usd": p.est_usd if p else None, "est_hours": p.est_hours if p else None,
+                "interval_h": p.interval_h if p else None}
 
 
 def _key(o: Offer) -> tuple[str, str]:
@@ -129,13 +138,14 @@ def _rank(job: JobView, estimate: Any, offers: list[Offer], usage: Usage, now: f
           spec: dict[str, Any] | None = None) -> list[Placement]:
     avoid = [k for k, until in usage.avoid.items() if until > now]
     return rank(spec or job.spec, estimate, offers, now=now, avoid=avoid, spent_usd=job.spent_usd,
-                done_steps=job.done_steps, owned_tolerance=usage.owned_tolerance)
+                done_steps=job.done_steps, owned_tolerance=usage.owned_tolerance, checkpoint_s=job.checkpoint_s,
+                adaptive_interval=usage.adaptive_interval)
 
 
 def decide(job: JobView, estimate: Any, offers: Iterable[Offer], caps: list[Cap], usage: Usage,
            now: float) -> Decision:
     """Place, run late, wait or refuse; see the module docstring for every rule."""
-    offers = list(offers)
+    offers = list(offers) if usage.market is None else usage.market.apply(offers)
     placements = _rank(job, estimate, offers, usage, now)
     if usage.sweep_full:
         return Decision(Verdict.WAIT, Code.SWEEP_FULL, "its sweep already runs max_parallel trials",

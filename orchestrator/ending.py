@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from jobs.exits import EXIT_PREEMPTED
 from orchestrator import spending
+from orchestrator.learning import Exposure
 from orchestrator.outcomes import END_RULES, Counter, JobAction
 from orchestrator.states import ACTIVE_JOB_STATES, AttemptState, EndReason, JobState
 from orchestrator.store import AttemptRow, InvalidTransition, JobRow
@@ -76,6 +78,10 @@ class EndingMixin:
         except InvalidTransition:
             return  # another daemon (or this one, a moment ago) already ended it
         self._record_throughput(att, job, progress)
+        try:
+            self._record_exposure(att, job, reason, progress, until, exit_code)
+        except Exception as exc:  # noqa: BLE001 - learning is advice: it must never hold up an end
+            self.log.warning("exposure not recorded", attempt_id=att.id, error=f"{type(exc).__name__}: {exc}")
         self._release(att)
         self._forget_offers(att.provider)
         self.log.info("attempt ended", job_id=job.id, attempt_id=att.id, code=reason.value, reason=text,
@@ -229,6 +235,36 @@ class EndingMixin:
             tokens_per_s=float(tps), attempt_id=att.id,
         )
         self._estimates.pop(job.id, None)
+
+    def _record_exposure(self, att: AttemptRow, job: JobRow, reason: EndReason, progress: dict[str, Any],
+                         until: float, exit_code: int | None) -> None:
+        """Feed the attempt's hours and whether it was interrupted into the market model
+        (``orchestrator.learning``), in the store and in this daemon's copy. Launches that never ran
+        say nothing about the hazard and are left out; so do ends the daemon caused (budget, cancel)."""
+        if reason in (EndReason.LAUNCH_FAILED, EndReason.NO_CAPACITY, EndReason.PROVIDER_ERROR):
+            return
+        offer = self._launch_record(att).get("offer") or {}
+        if not offer.get("gpu"):
+            return
+        extra = offer.get("extra") or {}
+        host = str(extra.get("host") or extra.get("machine_id") or "")
+        advertised = extra.get("hazard_advertised", offer.get("hazard_per_hour")) or 0.0
+        interruptible = bool(offer.get("interruptible"))
+        interrupted = interruptible and reason in (EndReason.PREEMPTED, EndReason.LOST)
+        hours = max(0.0, until - att.billing_start) / 3600.0
+        ckpt = progress.get("checkpoint_s")
+        tps = progress.get("tokens_per_s")
+        exposure = Exposure(att.provider, str(offer["gpu"]), host, float(advertised), hours, interrupted,
+                            warned=interrupted and exit_code == EXIT_PREEMPTED)
+        new = self.store.record_exposure(
+            attempt_id=att.id, provider=att.provider, gpu=exposure.gpu, gpu_count=int(offer.get("gpu_count") or 1),
+            host=host, offer_id=att.offer_id, interruptible=interruptible, advertised=exposure.advertised,
+            hours=hours, interrupted=interrupted, warned=exposure.warned, base_model=job.spec.get("base_model"),
+            method=job.spec.get("adapter") or "full",
+            tokens_per_s=float(tps) if isinstance(tps, (int, float)) and tps > 0 else None,
+            checkpoint_s=float(ckpt) if isinstance(ckpt, (int, float)) and ckpt > 0 else None)
+        if new and interruptible and self._market is not None:
+            self._market.observe(exposure)
 
 
 def _legacy_code(att: AttemptRow) -> EndReason:

@@ -21,6 +21,8 @@ from infra.storage import StorageError
 from jobs.estimate import estimate
 from orchestrator.calls import CallTimeout
 from orchestrator.decide import Code, Decision, JobView, Usage, Verdict, decide
+from jobs.spec import MAX_CHECKPOINT_INTERVAL_S
+from orchestrator.learning import MarketModel
 from orchestrator.states import JobState
 from orchestrator.store import InvalidTransition, JobRow
 from providers.base import LaunchRequest, ProviderNotConfigured, ProviderUnavailable, TransientError
@@ -76,6 +78,13 @@ class PlacingMixin:
                 self.log.exception("placing a job failed", job_id=job.id, error=str(exc))
                 self.store.set_waiting(job.id, Code.ERROR, f"placing it failed: {type(exc).__name__}: {exc}",
                                        self.clock() + self.config.scaled(60.0))
+
+    def _market_model(self) -> MarketModel:
+        """What attempts have shown about hazards: read from the store once, then kept up to date
+        by each attempt's end (``_record_exposure``)."""
+        if self._market is None:
+            self._market = MarketModel(self.store.exposure_tallies())
+        return self._market
 
     @staticmethod
     def _shape(job: JobRow, est: Any) -> str:
@@ -148,11 +157,12 @@ class PlacingMixin:
                       disabled=self.health.disabled(),
                       launchable=frozenset(self.providers), avoid=self._avoid, blocked=self._blocked,
                       sweep_full=bool(job.sweep_id) and self._sweep_full(job.sweep_id, live),
-                      owned_tolerance=self.config.owned_tolerance)
+                      owned_tolerance=self.config.owned_tolerance, market=self._market_model())
         self._store_tries.pop(job.id, None)  # its store answered
         done_steps = latest.step if latest else 0
         caps = self.caps.for_launch(job, now, live, self._sweep)
-        d = decide(JobView(job.id, job.spec, job.cost_usd, done_steps), est, offers, caps, usage, now)
+        ckpt_s = self.store.checkpoint_cost(job.spec["base_model"], job.spec.get("adapter") or "full")
+        d = decide(JobView(job.id, job.spec, job.cost_usd, done_steps, ckpt_s), est, offers, caps, usage, now)
         if d.launches:
             return self._launch(job, d, done_steps, live, counts)
         if d.verdict is Verdict.WAIT:
@@ -200,7 +210,7 @@ class PlacingMixin:
         placement = d.placement
         offer = placement.offer
         record = {"offer": offer.to_dict(), "why": placement.reason, "est_usd": placement.est_usd,
-                  "est_hours": placement.est_hours, "risk": placement.risk,
+                  "est_hours": placement.est_hours, "risk": placement.risk, "interval_h": placement.interval_h,
                   "viable_offers": sum(p.viable for p in d.placements), "decision": str(d.code)}
         try:
             att = self.store.create_attempt(job.id, provider=offer.provider, offer_id=offer.offer_id,
@@ -215,7 +225,8 @@ class PlacingMixin:
         ckpt = self._ckpt_store(job)
         log_path = str(self.config.attempt_log(att.id))
         request = LaunchRequest(
-            job_id=job.id, attempt_id=att.id, spec=job.spec, store_uri=ckpt.uri, gpus=offer.gpu_count,
+            job_id=job.id, attempt_id=att.id, spec=_with_interval(job.spec, placement.interval_h), store_uri=ckpt.uri,
+            gpus=offer.gpu_count,
             cpus=int((job.spec.get("resources") or {}).get("cpus", 1)), log_path=log_path,
         )
         prov = self.providers[offer.provider]
@@ -229,3 +240,14 @@ class PlacingMixin:
         self._wait([key])
         self._harvest_launch(self.store.get_attempt(att.id), job)
         return True
+
+
+def _with_interval(spec: dict[str, Any], interval_h: float | None) -> dict[str, Any]:
+    """The spec this attempt runs: with the placement's checkpoint interval (time-based, Young/Daly
+    for its hazard) when it is shorter than the job's own; the job's step interval stays a ceiling."""
+    if interval_h is None:
+        return spec
+    ckpt = dict(spec.get("checkpoint") or {})
+    mine = ckpt.get("interval_s")
+    ckpt["interval_s"] = round(min(interval_h * 3600.0, mine or float("inf"), MAX_CHECKPOINT_INTERVAL_S), 1)
+    return {**spec, "checkpoint": ckpt}

@@ -52,11 +52,15 @@ def spec(max_steps: int = 40, save_steps: int = 10, max_usd: float | None = None
 
 
 def calibrate_fast(store: Store) -> None:
-    """Estimates say the job takes no time, so any cap admits it; what it really costs is decided by
-    how long it runs (the budget stop is what is under test, not the admission check)."""
+    """Estimates say the job takes no time (training nor checkpoints), so any cap admits it; what it
+    really costs is decided by how long it runs (the budget stop is what is under test, not the
+    admission check)."""
     for gpu in ("cpu", "A100-80GB"):
         store.record_throughput(base_model="tunefleet/tiny-llama", method="qlora", gpu=gpu, gpu_count=1,
                                 tokens_per_s=1e9)
+    store.record_exposure(attempt_id="calibration", provider="(calibration)", gpu="cpu", gpu_count=1, host="",
+                          offer_id="-", interruptible=False, advertised=0.0, hours=0.0, interrupted=False,
+                          base_model="tunefleet/tiny-llama", method="qlora", checkpoint_s=1e-6)
 
 
 def provider(faults: Faults, seed: int = 0, **kw: Any) -> FaultProvider:

@@ -106,6 +106,49 @@ class LedgerMixin(AttemptsMixin):
                 (self._now(), base_model, method, gpu, int(gpu_count), float(tokens_per_s), attempt_id),
             )
 
+    def record_exposure(self, *, attempt_id: str, provider: str, gpu: str, gpu_count: int, host: str,
+                        offer_id: str, interruptible: bool, advertised: float, hours: float,
+                        interrupted: bool, warned: bool = False, base_model: str | None = None,
+                        method: str | None = None, tokens_per_s: float | None = None,
+                        checkpoint_s: float | None = None) -> bool:
+        """One ended attempt as an observation of its market (``orchestrator.learning``). Once per
+        attempt: True when recorded, False when it already was (a restarted daemon ending it again)."""
+        for name, v in (("advertised", advertised), ("hours", hours)):
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        with self._write() as c:
+            cur = c.execute(
+                "INSERT INTO exposures (attempt_id, ts, provider, gpu, gpu_count, host, offer_id, interruptible,"
+                " advertised, hours, interrupted, warned, base_model, method, tokens_per_s, checkpoint_s)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (attempt_id) DO NOTHING",
+                (attempt_id, self._now(), provider, gpu, int(gpu_count), host or "", offer_id, int(interruptible),
+                 float(advertised), float(hours), int(interrupted), int(warned), base_model, method,
+                 tokens_per_s, checkpoint_s),
+            )
+            return cur.rowcount > 0
+
+    def exposure_tallies(self) -> dict[tuple[str, str, str], Any]:
+        """Interruptible exposures summed by (provider, gpu, host): what ``MarketModel`` starts from.
+        One GROUP BY over an index; its size grows with the hosts seen, not the attempts."""
+        from orchestrator.learning import Tally
+
+        with self._read() as c:
+            rows = c.execute(
+                "SELECT provider, gpu, host, COUNT(*), SUM(hours), SUM(advertised * hours), SUM(interrupted),"
+                " SUM(interrupted * warned) FROM exposures WHERE interruptible = 1 AND advertised > 0"
+                " GROUP BY provider, gpu, host").fetchall()
+        return {(r[0], r[1], r[2]): Tally(int(r[3]), float(r[4]), float(r[5]), int(r[6]), int(r[7])) for r in rows}
+
+    def checkpoint_cost(self, base_model: str, method: str, last: int = 20) -> float | None:
+        """Median measured seconds of one checkpoint (save + upload) over the last ``last`` attempts
+        of this model and method that measured one; None before any did."""
+        with self._read() as c:
+            rows = c.execute(
+                "SELECT checkpoint_s FROM exposures WHERE base_model = ? AND method = ? AND checkpoint_s > 0"
+                " ORDER BY ts DESC LIMIT ?", (base_model, method, int(last))).fetchall()
+        values = sorted(float(r[0]) for r in rows)
+        return values[len(values) // 2] if values else None
+
     def calibration(self, base_model: str, method: str, last: int = 20) -> dict[str, float]:
         """Median measured tokens/s per GPU, by GPU model, over the last ``last`` runs of each.
 

@@ -194,10 +194,34 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (provider, resource_id)
     );
     """,
+    # v7: every ended attempt as an observation of the market it ran in (orchestrator.learning):
+    # hours on an offer with its advertised hazard, interrupted or not, and what it measured.
+    """
+    CREATE TABLE exposures (
+        attempt_id    TEXT PRIMARY KEY,
+        ts            REAL NOT NULL,
+        provider      TEXT NOT NULL,
+        gpu           TEXT NOT NULL,
+        gpu_count     INTEGER NOT NULL,
+        host          TEXT NOT NULL DEFAULT '',
+        offer_id      TEXT NOT NULL,
+        interruptible INTEGER NOT NULL,
+        advertised    REAL NOT NULL,
+        hours         REAL NOT NULL,
+        interrupted   INTEGER NOT NULL,
+        warned        INTEGER NOT NULL DEFAULT 0,
+        base_model    TEXT NULL,
+        method        TEXT NULL,
+        tokens_per_s  REAL NULL,
+        checkpoint_s  REAL NULL
+    );
+    CREATE INDEX exposures_group ON exposures (provider, gpu, host);
+    CREATE INDEX exposures_model ON exposures (base_model, method, ts);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
-assert SCHEMA_VERSION == 6
+assert SCHEMA_VERSION == 7
 
 
 def split_sql(script: str) -> Iterator[str]:
