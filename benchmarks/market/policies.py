@@ -36,6 +36,7 @@ from typing import Any
 from jobs.estimate import MULTI_GPU_EFFICIENCY, Estimate, estimate
 from jobs.gpus import GPUS
 from orchestrator import scheduler
+from orchestrator.learning import Exposure, MarketModel
 from orchestrator.scheduler import RejectCode
 from providers.base import Offer
 
@@ -121,9 +122,13 @@ class TunefleetNoLearning(SpeedLearning):
         """Hours of training between checkpoints for this attempt (None: the job's save_steps)."""
         return None
 
+    def checkpoint_cost(self, job: JobRun) -> float | None:
+        """Seconds one checkpoint takes, as decide is told (None: estimated from its size)."""
+        return None
+
     def choose(self, job, offers, now_epoch, avoid, blocked=None):
         d = self.decide(job, job.info.spec, self.offers_view(offers, now_epoch), now_epoch, avoid, blocked,
-                        est=self.estimate(job), **self.usage_options())
+                        est=self.estimate(job), checkpoint_s=self.checkpoint_cost(job), **self.usage_options())
         if not d.launches:
             return None
         interval = self.interval(d, job)
@@ -131,16 +136,37 @@ class TunefleetNoLearning(SpeedLearning):
 
 
 class Tunefleet(TunefleetNoLearning):
-    """tunefleet as it is meant to run. For now the same as ``tunefleet_no_learning``; hazard
-    learning plugs in here: ``observe`` gets every ``Outcome`` (its offer carries the host in
-    ``extra``, as ``orchestrator.learning.host_of`` reads it), ``offers_view`` or
-    ``usage_options`` hand decide the learned hazards, and ``interval`` may return the placement's
-    own checkpoint interval (``decision.placement.interval_h``)."""
+    """tunefleet as the daemon runs it: decide() with the hazards learned from every attempt so far
+    (``orchestrator.learning.MarketModel``, fed as the daemon's ``_record_exposure`` feeds it), each
+    placement's own checkpoint interval (Young/Daly, ``placement.interval_h``), and the measured
+    cost of a checkpoint once the job has written one (the payload's ``checkpoint_s``)."""
 
     name = "tunefleet"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.market = MarketModel()
+        self.checkpoint_s: dict[str, float] = {}  # job -> its last measured save + upload, seconds
+
+    def usage_options(self) -> dict[str, Any]:
+        return {"market": self.market}
+
+    def interval(self, decision: Any, job: JobRun) -> float | None:
+        return decision.placement.interval_h
+
+    def checkpoint_cost(self, job: JobRun) -> float | None:
+        return self.checkpoint_s.get(job.info.track.id)
+
     def observe(self, outcome: Outcome) -> None:
-        super().observe(outcome)  # speed; hazards: to come
+        super().observe(outcome)
+        if outcome.checkpoint_write_s:
+            self.checkpoint_s[outcome.job] = outcome.checkpoint_write_s
+        o = outcome.offer
+        if outcome.launch_failed or not o.interruptible:
+            return
+        self.market.observe(Exposure(o.provider, o.gpu, outcome.host,
+                                     float(o.detail("hazard_advertised", o.hazard_per_hour)), outcome.hours,
+                                     outcome.interrupted, outcome.warned))
 
 
 class CheapestEffective(SpeedLearning):

@@ -391,7 +391,7 @@ class Policy:
 
     def decide(self, job: JobRun, spec: dict[str, Any], offers: list[Offer], now_epoch: float,
                avoid: frozenset, blocked: Mapping[tuple[str, str], float] | None = None,
-               est: Estimate | None = None, **usage: Any) -> Any:
+               est: Estimate | None = None, checkpoint_s: float | None = None, **usage: Any) -> Any:
         """``orchestrator.decide.decide`` exactly as the daemon calls it, with what the simulator
         knows: the offers free now, the ones lost in the last 60 s, the ones blocked after a failed
         launch (until when, epoch seconds), the money spent, the steps committed (no budget caps:
@@ -400,7 +400,7 @@ class Policy:
         known = {f.name for f in dataclasses.fields(deciding.Usage)}
         extra = {k: v for k, v in usage.items() if k in known}
         u = deciding.Usage(avoid={k: now_epoch + AVOID_S for k in avoid}, blocked=dict(blocked or {}), **extra)
-        view = deciding.JobView(job.info.track.id, spec, job.spent, job.committed)
+        view = deciding.JobView(job.info.track.id, spec, job.spent, job.committed, checkpoint_s)
         return deciding.decide(view, job.info.est if est is None else est, offers, [], u, now_epoch)
 
     @staticmethod
