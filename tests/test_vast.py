@@ -35,7 +35,7 @@ from providers.base import (
     TransientError,
 )
 from providers.remote import bootstrap_script
-from providers.vast import OUTBID_PER_HOUR, SNAPSHOT_PATH, VastProvider, hazard_per_hour, map_status
+from providers.vast import SNAPSHOT_PATH, VastProvider, hazard_per_hour, map_status, outbid_per_hour
 from tests.vast_stub import VastStub, offer_row
 
 KEY = "vk-test-SECRET-0123456789abcdef"
@@ -236,8 +236,19 @@ def test_offers_are_mapped(server: VastServer) -> None:
     assert offers["102"].startup_s > fast.startup_s >= 180.0  # 50 Mb/s pulls the image slowly
     # hazard: lower reliability -> higher; interruptible above on-demand of the same machine
     assert offers["102"].hazard_per_hour > fast.hazard_per_hour > offers["103"].hazard_per_hour > 0
-    for oid in ("101", "102", "103"):
-        assert offers[f"{oid}:bid"].hazard_per_hour == pytest.approx(offers[oid].hazard_per_hour + OUTBID_PER_HOUR)
+    for oid in ("101", "102", "103"):  # plus the outbid rate at the bid's depth below the machine's ask
+        depth = offers[f"{oid}:bid"].usd_per_hour / offers[oid].usd_per_hour
+        assert offers[f"{oid}:bid"].hazard_per_hour == pytest.approx(offers[oid].hazard_per_hour
+                                                                      + outbid_per_hour(depth))
+
+
+def test_a_deeper_bid_is_outbid_more_often() -> None:
+    ratios = [0.3, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    rates = [outbid_per_hour(r) for r in ratios]
+    assert rates == sorted(rates, reverse=True)
+    assert rates[0] == rates[1] == pytest.approx(0.5) and rates[-1] == rates[-2] == pytest.approx(0.05)
+    assert 0.05 < outbid_per_hour(None) < 0.5  # depth unknown: the snapshot's median depth
+    assert hazard_per_hour(0.99, True, 0.5) > hazard_per_hour(0.99, True, 0.85) > hazard_per_hour(0.99, False)
 
 
 def test_hazard_model_is_monotone() -> None:

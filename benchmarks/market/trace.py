@@ -366,7 +366,7 @@ GROUNDING = {
                       "drawn uniform in [0.45, 0.90]",
     "vast_hazard": "providers/vast.py: -ln(reliability)/24 (reliability 0.95-0.999, as in the snapshot) "
                    "plus, for bids, an outbid rate log-uniform 0.05-0.5/h, higher for lower bids "
-                   "(the brief's range; vast.py itself assumes a flat 0.05)",
+                   "(the brief's range; providers/vast/offers.py advertises the same curve by bid depth)",
     "vast_startup": "providers/vast.py: 180 s + an 8 GB image over the host's inet_down (100-2000 Mbps)",
     "vast_listing": "assumption: listings last ~18 h, machines away ~10 h; bids move every ~4 h, asks ~12 h "
                     "(providers.md: prices 'move daily')",

@@ -28,6 +28,7 @@ from providers.vast.offers import (
     SNAPSHOT_PATH,
     VastOffers,
     hazard_per_hour,
+    outbid_per_hour,
     to_offer,
 )
 from providers.vast.provider import DEFAULT_URL, VastProvider
@@ -52,6 +53,7 @@ __all__ = [
     "IMAGE_MB",
     "LIST_PAGES_MAX",
     "OUTBID_PER_HOUR",
+    "outbid_per_hour",
     "PRICE_SLACK",
     "RELIABILITY_WINDOW_H",
     "SNAPSHOT_PATH",

@@ -16,8 +16,13 @@ for ``allocated_storage`` GiB). Interruptible = ``min_bid`` from a ``type: bid``
 lowest bid that currently wins that machine, also for the whole machine.
 
 Hazard (expected interruptions per hour): Vast's ``reliability`` r is read as the chance the host
-stays up for a reference day, so ``h = -ln(r) / 24``; an interruptible rental also gets outbid,
-modelled as a flat ``0.05``/h on top. Lower reliability -> higher hazard; bid > on-demand.
+stays up for a reference day, so ``h = -ln(r) / 24``; an interruptible rental also gets outbid.
+The outbid rate rises with the bid's depth below the machine's on-demand ask (``min_bid /
+dph_total``): log-linear from ``OUTBID_SHALLOW`` (0.05/h) for a bid at 90 % of the ask or more to
+``OUTBID_DEEP`` (0.5/h) at 45 % or less, the span of bids in the snapshot (0.46-0.89); a bid whose
+ask is not known gets the rate at the snapshot's median depth (0.66). These are priors: the
+daemon learns each host's real hazard from its attempts (``orchestrator.learning``). Lower
+reliability or a deeper bid -> higher hazard; bid > on-demand.
 
 Robustness: no key, an unreachable or failing API, or a malformed answer never raise: offers come
 from ``snapshots/vast.json`` (``PriceSource.SNAPSHOT``) and ``check()`` says why. The API key is
@@ -49,7 +54,9 @@ if TYPE_CHECKING:
 # providers/snapshots/vast.json: this file is one level down, in providers/vast/
 SNAPSHOT_PATH = Path(__file__).resolve().parent.parent / "snapshots" / "vast.json"
 RELIABILITY_WINDOW_H = 24.0  # reliability = P(host stays up for this long)
-OUTBID_PER_HOUR = 0.05  # extra hazard of an interruptible rental: being outbid
+OUTBID_SHALLOW = 0.05  # outbid rate of a bid at >= 90 % of the on-demand ask, per hour
+OUTBID_DEEP = 0.5  # ... and of one at <= 45 % of it
+BID_RATIO_SHALLOW, BID_RATIO_DEEP, BID_RATIO_MEDIAN = 0.90, 0.45, 0.66
 BASE_STARTUP_S = 180.0  # schedule, create the container, boot
 IMAGE_MB = 8000.0  # a training image to pull, MB
 DEFAULT_INET_DOWN_MBPS = 100.0
@@ -103,10 +110,21 @@ def _num(raw: dict[str, Any], key: str, default: float | None = None) -> float:
     return float(value)
 
 
-def hazard_per_hour(reliability: float, interruptible: bool) -> float:
-    """Expected interruptions per hour of a Vast host with this reliability (see module doc)."""
+def outbid_per_hour(bid_ratio: float | None) -> float:
+    """Expected outbids per hour of a bid at ``bid_ratio`` = bid / on-demand ask (see module doc)."""
+    ratio = BID_RATIO_MEDIAN if bid_ratio is None or not math.isfinite(bid_ratio) else bid_ratio
+    depth = (BID_RATIO_SHALLOW - min(max(ratio, BID_RATIO_DEEP), BID_RATIO_SHALLOW)) / (BID_RATIO_SHALLOW - BID_RATIO_DEEP)
+    return OUTBID_SHALLOW * (OUTBID_DEEP / OUTBID_SHALLOW) ** depth
+
+
+OUTBID_PER_HOUR = outbid_per_hour(None)  # a bid of unknown depth (the snapshot's median)
+
+
+def hazard_per_hour(reliability: float, interruptible: bool, bid_ratio: float | None = None) -> float:
+    """Expected interruptions per hour of a Vast host with this reliability, and for a bid, at this
+    depth below the ask (see module doc)."""
     r = min(max(reliability, 1e-9), 1.0)
-    return -math.log(r) / RELIABILITY_WINDOW_H + (OUTBID_PER_HOUR if interruptible else 0.0)
+    return -math.log(r) / RELIABILITY_WINDOW_H + (outbid_per_hour(bid_ratio) if interruptible else 0.0)
 
 
 def to_offer(raw: Any, *, interruptible: bool, source: PriceSource, price_date: str, verified: bool = True) -> Offer:
@@ -122,6 +140,9 @@ def to_offer(raw: Any, *, interruptible: bool, source: PriceSource, price_date: 
     num_gpus = int(_num(raw, "num_gpus"))
     vram_gb = _num(raw, "gpu_ram") / 1000.0  # MB per GPU
     price = _num(raw, "min_bid" if interruptible else "dph_total")
+    ask = raw.get("dph_total") if interruptible else None  # the machine's on-demand ask, beside its min bid
+    ok = isinstance(ask, int | float) and not isinstance(ask, bool) and math.isfinite(ask) and ask > 0
+    bid_ratio = price / ask if ok else None
     reliability = _num(raw, "reliability")
     if num_gpus < 1 or vram_gb <= 0 or price <= 0 or not 0 < reliability <= 1:
         raise ValueError("out of range")
@@ -140,7 +161,7 @@ def to_offer(raw: Any, *, interruptible: bool, source: PriceSource, price_date: 
         vram_gb=vram_gb,
         usd_per_hour=price,
         interruptible=interruptible,
-        hazard_per_hour=hazard_per_hour(reliability, interruptible),
+        hazard_per_hour=hazard_per_hour(reliability, interruptible, bid_ratio),
         region=region if isinstance(region, str) and region else "unknown",
         on_premises=False,
         startup_s=BASE_STARTUP_S + IMAGE_MB * 8.0 / max(inet_down, 10.0),
