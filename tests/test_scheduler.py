@@ -163,10 +163,12 @@ def test_owned_wins_within_the_tolerance_and_by_policy(offers, gpu, power_cost, 
     offers = [o for o in unique(offers) if o.provider != "local"]
     local = offer("local", gpu, power_cost, on_premises=True, owned=True, offer_id="local-gpu")
     hours = EST.hours(gpu, 1)
-    deadline = NOW + (hours + 1) * 3600  # local can make it
+    deadline = NOW + (hours * 1.3 + 1) * 3600  # local can make it, with slack for a slow GPU
     placements = rank(job(deadline=deadline), EST, offers + [local], now=NOW, owned_tolerance=tolerance)
     mine = next(p for p in placements if p.offer.offer_id == "local-gpu")
-    rented = [p for p in placements if p.viable and not p.offer.owned and not p.avoided]
+    assert not mine.tight
+    # offers that meet the deadline only if nothing runs slow rank after those with slack
+    rented = [p for p in placements if p.viable and not p.offer.owned and not p.avoided and not p.tight]
     best_rented = min((p.est_usd for p in rented), default=math.inf)
     if mine.est_usd < best_rented * (1 + tolerance) * (1 - 1e-9):
         assert placements[0] is mine  # owned wins while it costs at most `tolerance` more
@@ -210,6 +212,21 @@ def test_host_memory_cpus_and_busy_capacity_are_checked():
     assert by_id["small"].code == RejectCode.HOST_RAM and "has 2 GB" in by_id["small"].reason
     assert by_id["few"].code == RejectCode.CPUS and "needs 4 CPUs" in by_id["few"].reason
     assert by_id["busy"].code == RejectCode.BUSY
+
+
+def test_an_offer_that_meets_the_deadline_only_if_nothing_runs_slow_ranks_after_one_with_slack():
+    hours = EST.hours("A100-80GB", 1)
+    spec = job(deadline=NOW + (hours * 1.1 + 600 / 3600) * 3600)  # 10 % slack over the A100's run
+    a100 = offer("vast", "A100-80GB", 1.0, offer_id="a100")  # cheaper per job, but tight
+    h100 = offer("vast", "H100", 2.6, offer_id="h100")  # ~2x faster: room to spare
+    placements = rank(spec, EST, [a100, h100], now=NOW)
+    by_id = {p.offer.offer_id: p for p in placements}
+    assert by_id["a100"].viable and by_id["a100"].tight and not by_id["h100"].tight
+    assert by_id["a100"].est_usd < by_id["h100"].est_usd
+    assert [p.offer.offer_id for p in placements] == ["h100", "a100"]
+    # once the A100's speed is measured, 10 % is slack enough
+    measured = replace(EST, calibrated={"A100-80GB": EST.tokens_per_s("A100-80GB")})
+    assert rank(spec, measured, [a100, h100], now=NOW)[0].offer.offer_id == "a100"
 
 
 def test_cheapest_per_hour_is_not_cheapest_per_completed_job():
