@@ -239,10 +239,12 @@ class EndingMixin:
     def _record_exposure(self, att: AttemptRow, job: JobRow, reason: EndReason, progress: dict[str, Any],
                          until: float, exit_code: int | None) -> None:
         """Feed the attempt's hours and whether it was interrupted into the market model
-        (``orchestrator.learning``), in the store and in this daemon's copy. Launches that never ran
-        say nothing about the hazard and are left out; so do ends the daemon caused (budget, cancel)."""
-        if reason in (EndReason.LAUNCH_FAILED, EndReason.NO_CAPACITY, EndReason.PROVIDER_ERROR):
+        (``orchestrator.learning``), in the store and in this daemon's copy. A launch the host botched
+        (failed, never came up, could not set up) counts against its launches, not its hazard; one the
+        provider never made (no capacity, API down) says nothing about the host and is left out."""
+        if reason in (EndReason.NO_CAPACITY, EndReason.PROVIDER_ERROR):
             return
+        failed = reason in (EndReason.LAUNCH_FAILED, EndReason.TIMED_OUT, EndReason.SETUP_FAILED)
         offer = self._launch_record(att).get("offer") or {}
         if not offer.get("gpu"):
             return
@@ -250,20 +252,22 @@ class EndingMixin:
         host = str(extra.get("host") or extra.get("machine_id") or "")
         advertised = extra.get("hazard_advertised", offer.get("hazard_per_hour")) or 0.0
         interruptible = bool(offer.get("interruptible"))
-        interrupted = interruptible and reason in (EndReason.PREEMPTED, EndReason.LOST)
+        interrupted = interruptible and not failed and reason in (EndReason.PREEMPTED, EndReason.LOST)
         hours = max(0.0, until - att.billing_start) / 3600.0
         ckpt = progress.get("checkpoint_s")
         tps = progress.get("tokens_per_s")
-        exposure = Exposure(att.provider, str(offer["gpu"]), host, float(advertised), hours, interrupted,
-                            warned=interrupted and exit_code == EXIT_PREEMPTED)
+        exposure = Exposure(att.provider, str(offer["gpu"]), host, float(advertised) if interruptible else 0.0,
+                            hours, interrupted, warned=interrupted and exit_code == EXIT_PREEMPTED,
+                            launch_failed=failed)
         new = self.store.record_exposure(
             attempt_id=att.id, provider=att.provider, gpu=exposure.gpu, gpu_count=int(offer.get("gpu_count") or 1),
             host=host, offer_id=att.offer_id, interruptible=interruptible, advertised=exposure.advertised,
-            hours=hours, interrupted=interrupted, warned=exposure.warned, base_model=job.spec.get("base_model"),
+            hours=hours, interrupted=interrupted, warned=exposure.warned, launch_failed=failed,
+            base_model=job.spec.get("base_model"),
             method=job.spec.get("adapter") or "full",
             tokens_per_s=float(tps) if isinstance(tps, (int, float)) and tps > 0 else None,
             checkpoint_s=float(ckpt) if isinstance(ckpt, (int, float)) and ckpt > 0 else None)
-        if new and interruptible and self._market is not None:
+        if new and self._market is not None:
             self._market.observe(exposure)
 
 

@@ -24,6 +24,12 @@ in its first hours is learned to be several times riskier at once, while a host 
 record is not penalised much by one reclaim (its E is large). Only interruptible attempts on offers
 with an advertised hazard > 0 count: an on-demand machine that vanishes is a fault, not the market.
 
+Launches are learned the same way: a host whose machines often fail to start (a broken driver,
+a full disk, an image it cannot pull) costs a billed start-up and a delay each time. Its failure
+probability is Beta-Binomial, pooled the same two levels around ``LAUNCH_FAIL_PRIOR`` (weights
+``GROUP_LAUNCHES`` and ``HOST_LAUNCHES`` in launches), and ``rank`` adds the expected wasted
+start-ups, ``p / (1 - p)`` of them, to an offer's time and cost.
+
 Pure and small: ``MarketModel`` holds tallies (the store keeps the observations, see
 ``orchestrator.store.ledger``); ``apply`` returns offers with ``hazard_per_hour`` replaced by the
 learned figure and the advertised one kept in ``extra`` for ``tunefleet offers``/``providers``.
@@ -39,6 +45,10 @@ from providers.base import Offer
 
 GROUP_PRIOR = 5.0  # prior weight of a (provider, GPU) factor, in expected interruptions: one bad host barely moves it
 HOST_PRIOR = 1.0  # prior weight of a host's factor around its group's, in expected interruptions
+LAUNCH_FAIL_PRIOR = 0.03  # a launch fails this often before anything is known
+GROUP_LAUNCHES = 20.0  # prior weight of a (provider, GPU) launch failure rate, in launches
+HOST_LAUNCHES = 2.0  # prior weight of a host's rate around its group's, in launches
+MAX_LAUNCH_FAIL = 0.9  # never believe a host fails every time (it would price it at infinity)
 
 Key = tuple[str, str, str]  # (provider, gpu, host); host "" = the (provider, gpu) group
 
@@ -60,17 +70,24 @@ class Exposure:
     hours: float
     interrupted: bool
     warned: bool = False
+    launch_failed: bool = False  # it never ran: says nothing about the hazard, only about launches
 
 
 @dataclass
 class Tally:
-    attempts: int = 0
+    attempts: int = 0  # attempts that ran on an interruptible offer (hazard observations)
     hours: float = 0.0
     expected: float = 0.0  # Σ advertised hazard × hours
     interruptions: int = 0
     warned: int = 0
+    launches: int = 0  # every launch, on any offer
+    launch_failures: int = 0
 
     def add(self, e: Exposure) -> None:
+        self.launches += 1
+        self.launch_failures += int(e.launch_failed)
+        if e.launch_failed or e.advertised <= 0:
+            return
         self.attempts += 1
         self.hours += e.hours
         self.expected += e.advertised * e.hours
@@ -115,15 +132,11 @@ class MarketModel:
             mine.expected += t.expected
             mine.interruptions += t.interruptions
             mine.warned += t.warned
-
-    @staticmethod
-    def counts(e: Exposure) -> bool:
-        """Whether an exposure says anything about the hazard (interruptible, advertised > 0, ran)."""
-        return e.advertised > 0 and e.hours >= 0
+            mine.launches += t.launches
+            mine.launch_failures += t.launch_failures
 
     def observe(self, e: Exposure) -> None:
-        if not self.counts(e):
-            return
+        """One launch and, if it ran on an offer with an advertised hazard, its exposure."""
         for k in {(e.provider, e.gpu, e.host), (e.provider, e.gpu, "")}:
             self.tallies.setdefault(k, Tally()).add(e)
 
@@ -133,37 +146,54 @@ class MarketModel:
             return 1.0
         return (self.group_prior + g.interruptions) / (self.group_prior + g.expected)
 
+    def launch_fail(self, provider: str, gpu: str, host: str) -> tuple[float, int]:
+        """(probability that a launch on this host fails, launches behind it)."""
+        g = self.tallies.get((provider, gpu, ""))
+        if g is None:
+            return LAUNCH_FAIL_PRIOR, 0
+        pg = (GROUP_LAUNCHES * LAUNCH_FAIL_PRIOR + g.launch_failures) / (GROUP_LAUNCHES + g.launches)
+        h = self.tallies.get((provider, gpu, host)) if host else None
+        if h is None:
+            return min(MAX_LAUNCH_FAIL, pg), g.launches
+        p = (HOST_LAUNCHES * pg + h.launch_failures) / (HOST_LAUNCHES + h.launches)
+        return min(MAX_LAUNCH_FAIL, p), h.launches
+
     def learned(self, offer: Offer) -> Learned:
         adv = float(offer.detail("hazard_advertised", offer.hazard_per_hour))
         group = self.tallies.get((offer.provider, offer.gpu, ""))
-        if adv <= 0 or group is None:
+        if adv <= 0 or group is None or not group.attempts:
             return Learned(adv, adv, 1.0, 0, 0, 0.0, "advertised")
         fg = self.group_factor(offer.provider, offer.gpu)
         host = host_of(offer)
         h = self.tallies.get((offer.provider, offer.gpu, host)) if host else None
-        if h is None:
+        if h is None or not h.attempts:
             return Learned(adv, adv * fg, fg, group.attempts, group.interruptions, group.hours, "group")
         f = (self.host_prior * fg + h.interruptions) / (self.host_prior + h.expected)
         return Learned(adv, adv * f, f, h.attempts, h.interruptions, h.hours, "host")
 
     def apply(self, offers: Iterable[Offer]) -> list[Offer]:
-        """The offers with their learned hazard; the advertised one stays in ``extra``."""
+        """The offers with their learned hazard and launch failure rate; the advertised hazard stays
+        in ``extra`` (``hazard_advertised``, ``hazard_observations``, ``launch_fail_p``)."""
         out = []
         for o in offers:
-            if o.hazard_per_hour <= 0 or (o.provider, o.gpu, "") not in self.tallies:
+            if (o.provider, o.gpu, "") not in self.tallies or o.detail("launch_fail_p") is not None:
                 out.append(o)
+                continue
+            fail, _ = self.launch_fail(o.provider, o.gpu, host_of(o))
+            extra = o.extra + (("launch_fail_p", fail),)
+            if o.hazard_per_hour <= 0:
+                out.append(replace(o, extra=extra))
                 continue
             lrn = self.learned(o)
             if o.detail("hazard_advertised") is None:
-                extra = o.extra + (("hazard_advertised", lrn.advertised), ("hazard_observations", lrn.attempts))
-            else:
-                extra = o.extra
+                extra += (("hazard_advertised", lrn.advertised), ("hazard_observations", lrn.attempts))
             out.append(replace(o, hazard_per_hour=lrn.hazard, extra=extra))
         return out
 
     def groups(self) -> list[tuple[str, str, Tally, float]]:
         """(provider, gpu, tally, learned factor) for every group observed, sorted."""
-        return [(p, g, t, self.group_factor(p, g)) for (p, g, h), t in sorted(self.tallies.items()) if h == ""]
+        return [(p, g, t, self.group_factor(p, g)) for (p, g, h), t in sorted(self.tallies.items())
+                if h == "" and t.attempts]
 
     def hosts(self) -> list[tuple[str, str, str, Tally]]:
-        return [(p, g, h, t) for (p, g, h), t in sorted(self.tallies.items()) if h]
+        return [(p, g, h, t) for (p, g, h), t in sorted(self.tallies.items()) if h and t.attempts]

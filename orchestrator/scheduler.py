@@ -387,6 +387,9 @@ def _place(offer, estimate, hours, now, left, ckpt_frac, deadline, max_usd, spen
     else:
         wall_h, risk = expected_wall_hours(work_h, 0.0, ceiling_h, 0.0, write_h), 0.0
     est_h = startup_h + wall_h
+    fail = offer.detail("launch_fail_p", 0.0) if offer.extra else 0.0  # learned (orchestrator.learning)
+    if fail > 0:  # expected failed launches before one runs, each a billed start-up
+        est_h += startup_h * fail / (1.0 - fail)
     est_usd = offer.usd_per_hour * est_h if offer.usd_total is None else offer.usd_total * left
     finish = now + est_h * 3600.0
     if max_usd is not None and spent_usd + est_usd > max_usd:

@@ -87,7 +87,25 @@ def test_hosts_with_no_record_take_their_group_figure_and_other_groups_stay_adve
     applied = model.apply([bid("x", "never-seen"), od])
     assert applied[0].hazard_per_hour == pytest.approx(unseen.hazard)
     assert applied[0].detail("hazard_advertised") == 0.05 and applied[0].detail("hazard_observations") == 30
-    assert applied[1] is od
+    assert applied[1].hazard_per_hour == 0 and applied[1].detail("hazard_advertised") is None
+
+
+def test_a_host_whose_launches_fail_is_priced_for_the_start_ups_it_wastes():
+    model = MarketModel()
+    for i in range(20):  # the group launches fine...
+        model.observe(Exposure("vast", "A100-80GB", f"ok{i}", 0.05, 3.0, interrupted=False))
+    for _ in range(3):  # ...this host failed three launches in a row
+        model.observe(Exposure("vast", "A100-80GB", "broken", 0.05, 0.0, interrupted=False, launch_failed=True))
+    p_bad, n = model.launch_fail("vast", "A100-80GB", "broken")
+    p_new, _ = model.launch_fail("vast", "A100-80GB", "never-seen")
+    assert n == 3 and p_bad > 0.5 and p_new < 0.1  # the group moves a little (pooled), the host a lot
+    assert model.learned(bid("x", "broken")).level != "host"  # failed launches say nothing of its hazard
+    broken, fresh = model.apply([bid("b", "broken", usd=0.80), bid("f", "never-seen", usd=0.82)])
+    placements = rank(SPEC, EST, [broken, fresh], now=NOW)
+    assert placements[0].offer.offer_id == "f"
+    by_id = {p.offer.offer_id: p for p in placements}
+    startup_h = 300 / 3600
+    assert by_id["b"].est_hours - by_id["f"].est_hours > startup_h  # more than one wasted start-up expected
 
 
 def test_exposures_persist_in_the_store_once_per_attempt(tmp_path):

@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     for name, f in diag.items():
         print(f"diagnostic {name}: ${f['cost_per_completed_job']:.2f} per completed job, "
               f"{f['ratio_vs_lower_bound_same_jobs']:.3f}x the lower bound on the jobs it completed, "
-              f"{f['deadline_misses']} deadline misses")
+              f"{f['deadline_misses']} deadline misses"
+              + (f"; interruptions cost that policy {f['share_lost_to_interruptions']:.1%} of its cost per completed job"
+                 if f.get("share_lost_to_interruptions") is not None else ""))
     diag["lower_bound_capacity"] = cap
     if cap["cost_usd"]:
         print(f"diagnostic lower_bound_capacity (one machine, one attempt at a time; not a target): "

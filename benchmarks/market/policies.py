@@ -162,11 +162,9 @@ class Tunefleet(TunefleetNoLearning):
         if outcome.checkpoint_write_s:
             self.checkpoint_s[outcome.job] = outcome.checkpoint_write_s
         o = outcome.offer
-        if outcome.launch_failed or not o.interruptible:
-            return
-        self.market.observe(Exposure(o.provider, o.gpu, outcome.host,
-                                     float(o.detail("hazard_advertised", o.hazard_per_hour)), outcome.hours,
-                                     outcome.interrupted, outcome.warned))
+        advertised = float(o.detail("hazard_advertised", o.hazard_per_hour)) if o.interruptible else 0.0
+        self.market.observe(Exposure(o.provider, o.gpu, outcome.host, advertised, outcome.hours,
+                                     outcome.interrupted, outcome.warned, launch_failed=outcome.launch_failed))
 
 
 class CheapestEffective(SpeedLearning):
@@ -528,5 +526,15 @@ class TunefleetWithoutReclaims(Tunefleet):
     interruptions = False
 
 
+class CheapestEffectiveWithoutReclaims(CheapestEffective):
+    """Diagnostic: cheapest_effective's choices in a world where nothing is ever reclaimed. Its cost
+    against cheapest_effective's is what interruptions cost that policy in all (rework, restarts,
+    re-placing), so 1 minus the ratio is about the most any hazard-aware ranking can save against it
+    while choosing among the same offers."""
+
+    name = "cheapest_effective_without_reclaims"
+    interruptions = False
+
+
 POLICIES = (Tunefleet, TunefleetNoLearning, CheapestEffective, CheapestPerHour, OnDemand, LocalOnly, LowerBound)
-DIAGNOSTICS = (TunefleetWithoutReclaims, GreedyNoReclaims)
+DIAGNOSTICS = (TunefleetWithoutReclaims, CheapestEffectiveWithoutReclaims, GreedyNoReclaims)

@@ -38,6 +38,10 @@ def run_all(trace: Trace, seed: int = 0, max_preemptions: int = MAX_PREEMPTIONS,
             done = [j for j in res.jobs if j.finished_h is not None]
             base = sum(lb[j.info.track.id] for j in done)
             f["ratio_vs_lower_bound_same_jobs"] = round(sum(j.spent for j in done) / base, 4) if base else None
+            own = summary["policies"].get(pol.name.removesuffix("_without_reclaims"))
+            if own and pol.name.endswith("_without_reclaims") and own["cost_per_completed_job"]:
+                # what interruptions cost that policy in all, as a share of its cost per completed job
+                f["share_lost_to_interruptions"] = round(1 - f["cost_per_completed_job"] / own["cost_per_completed_job"], 4)
             diag[pol.name] = f
         # the capacity-aware bound, on the jobs every policy but local_only completed
         common = set.intersection(*[{j.info.track.id for j in res.jobs if j.finished_h is not None}

@@ -108,7 +108,8 @@ class LedgerMixin(AttemptsMixin):
 
     def record_exposure(self, *, attempt_id: str, provider: str, gpu: str, gpu_count: int, host: str,
                         offer_id: str, interruptible: bool, advertised: float, hours: float,
-                        interrupted: bool, warned: bool = False, base_model: str | None = None,
+                        interrupted: bool, warned: bool = False, launch_failed: bool = False,
+                        base_model: str | None = None,
                         method: str | None = None, tokens_per_s: float | None = None,
                         checkpoint_s: float | None = None) -> bool:
         """One ended attempt as an observation of its market (``orchestrator.learning``). Once per
@@ -119,25 +120,30 @@ class LedgerMixin(AttemptsMixin):
         with self._write() as c:
             cur = c.execute(
                 "INSERT INTO exposures (attempt_id, ts, provider, gpu, gpu_count, host, offer_id, interruptible,"
-                " advertised, hours, interrupted, warned, base_model, method, tokens_per_s, checkpoint_s)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (attempt_id) DO NOTHING",
+                " advertised, hours, interrupted, warned, launch_failed, base_model, method, tokens_per_s,"
+                " checkpoint_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (attempt_id) DO NOTHING",
                 (attempt_id, self._now(), provider, gpu, int(gpu_count), host or "", offer_id, int(interruptible),
-                 float(advertised), float(hours), int(interrupted), int(warned), base_model, method,
-                 tokens_per_s, checkpoint_s),
+                 float(advertised), float(hours), int(interrupted), int(warned), int(launch_failed), base_model,
+                 method, tokens_per_s, checkpoint_s),
             )
             return cur.rowcount > 0
 
     def exposure_tallies(self) -> dict[tuple[str, str, str], Any]:
-        """Interruptible exposures summed by (provider, gpu, host): what ``MarketModel`` starts from.
-        One GROUP BY over an index; its size grows with the hosts seen, not the attempts."""
+        """Exposures summed by (provider, gpu, host): what ``MarketModel`` starts from. Hazard sums
+        count attempts that ran on interruptible offers with an advertised hazard; launch counts
+        count every attempt. One GROUP BY over an index; it grows with the hosts seen, not the attempts."""
         from orchestrator.learning import Tally
 
+        ran = "(interruptible = 1 AND advertised > 0 AND launch_failed = 0)"
         with self._read() as c:
             rows = c.execute(
-                "SELECT provider, gpu, host, COUNT(*), SUM(hours), SUM(advertised * hours), SUM(interrupted),"
-                " SUM(interrupted * warned) FROM exposures WHERE interruptible = 1 AND advertised > 0"
-                " GROUP BY provider, gpu, host").fetchall()
-        return {(r[0], r[1], r[2]): Tally(int(r[3]), float(r[4]), float(r[5]), int(r[6]), int(r[7])) for r in rows}
+                f"SELECT provider, gpu, host, SUM({ran}), SUM(CASE WHEN {ran} THEN hours ELSE 0 END),"  # noqa: S608
+                f" SUM(CASE WHEN {ran} THEN advertised * hours ELSE 0 END), SUM({ran} * interrupted),"
+                f" SUM({ran} * interrupted * warned), COUNT(*), SUM(launch_failed)"
+                " FROM exposures GROUP BY provider, gpu, host").fetchall()
+        return {(r[0], r[1], r[2]): Tally(int(r[3]), float(r[4]), float(r[5]), int(r[6]), int(r[7]), int(r[8]),
+                                          int(r[9])) for r in rows}
 
     def checkpoint_cost(self, base_model: str, method: str, last: int = 20) -> float | None:
         """Median measured seconds of one checkpoint (save + upload) over the last ``last`` attempts

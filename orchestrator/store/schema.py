@@ -195,7 +195,8 @@ MIGRATIONS: list[str] = [
     );
     """,
     # v7: every ended attempt as an observation of the market it ran in (orchestrator.learning):
-    # hours on an offer with its advertised hazard, interrupted or not, and what it measured.
+    # hours on an offer with its advertised hazard, interrupted or not, and what it measured; or a
+    # launch that failed on that host.
     """
     CREATE TABLE exposures (
         attempt_id    TEXT PRIMARY KEY,
@@ -210,6 +211,7 @@ MIGRATIONS: list[str] = [
         hours         REAL NOT NULL,
         interrupted   INTEGER NOT NULL,
         warned        INTEGER NOT NULL DEFAULT 0,
+        launch_failed INTEGER NOT NULL DEFAULT 0,
         base_model    TEXT NULL,
         method        TEXT NULL,
         tokens_per_s  REAL NULL,
