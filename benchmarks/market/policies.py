@@ -1,11 +1,11 @@
 """The placement policies compared. Every one sees the same offers at the same moments.
 
 - ``tunefleet``: the daemon's ``orchestrator.decide.decide``, called as the daemon calls it, with
-  the job re-estimated from the throughput measured so far (speed learning). For now the same as
-  ``tunefleet_no_learning``; it is where hazard learning and checkpoint intervals go (its
-  ``offers_view``, ``usage_options``, ``interval`` and ``observe`` hooks).
-- ``tunefleet_no_learning``: today's tunefleet: decide with the advertised hazards and the job's
-  own ``save_steps`` interval, plus speed learning.
+  the job re-estimated from the throughput measured so far (speed learning), the hazards and
+  launch failure rates learned from every attempt (``orchestrator.learning``), each placement's
+  own checkpoint interval and the job's measured checkpoint cost.
+- ``tunefleet_no_learning``: decide with the advertised hazards and the job's own ``save_steps``
+  interval, plus speed learning.
 - ``cheapest_effective``: what a careful SkyPilot/dstack user gets: the same hard constraints
   (rank's own checks with the deadline taken out), then the lowest price x (start-up + hours at
   the measured-or-tabled throughput) among the offers that meet the deadline uninterrupted; if
