@@ -205,12 +205,13 @@ def offers(
 
 
 def _hazard_text(o) -> str:
-    """The hazard ranked, and the advertised one with the observations behind it when learning moved it."""
+    """The hazard ranked (as advertised until attempts were observed), and then the advertised one
+    with the observations behind it."""
     if not o.interruptible and o.hazard_per_hour <= 0:
         return "-"
     adv = o.detail("hazard_advertised")
     if adv is None:
-        return f"{o.hazard_per_hour:.3f} (advertised)"
+        return f"{o.hazard_per_hour:.3f}"
     return f"{o.hazard_per_hour:.3f} (adv {adv:.3f}, {o.detail('hazard_observations', 0)} obs)"
 
 
