@@ -45,7 +45,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
-import math
 import os
 import sqlite3
 import threading
@@ -59,7 +58,7 @@ from typing_extensions import override
 from infra.logging import get_logger
 from jobs.gpus import GPUS, canonical_gpu
 from providers.base import Offer, PriceSource, Provider, ProviderNotConfigured
-from providers.skypilot.snapshot import Snapshot, SnapshotError, load_snapshot
+from providers.skypilot.snapshot import Snapshot, SnapshotError, _num, load_snapshot
 
 if TYPE_CHECKING:
     from jobs.estimate import Estimate
@@ -139,14 +138,6 @@ def list_cloud(cloud: str) -> list[Row]:
         for infos in found.values()
         for i in infos
     ]
-
-
-def _num(value: Any) -> float | None:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 def _vram_gib(accelerator: str, device_memory: float | None) -> float | None:
