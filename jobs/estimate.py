@@ -32,7 +32,7 @@ REF_PARAMS_B = 7.0
 MAX_TOKENS_PER_S_A100 = 400_000.0  # tiny models are bound by overheads, not FLOPs
 MULTI_GPU_EFFICIENCY = 0.9
 # One checkpoint's save + upload before the payload has measured one (progress ``checkpoint_s``):
-CHECKPOINT_FIXED_S = 10.0  # write, fsync, commit marker, a few small files
+CHECKPOINT_FIXED_S = 3.0  # write, fsync, commit marker, a few small files
 CHECKPOINT_UPLOAD_GBPS = 2.0  # a rented machine's upload to object storage, gigabits/s
 
 # (params_b upper bound, hidden, layers, vocab) when no config.json is at hand

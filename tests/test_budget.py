@@ -89,9 +89,12 @@ def test_running_attempt_is_stopped_at_its_cap_and_resumes_when_raised(tmp_path,
 
     from orchestrator.store import Store
 
-    with Store(home / "state.db") as store:  # an optimistic throughput: the estimate fits the cap
+    with Store(home / "state.db") as store:  # an optimistic throughput and checkpoint: the estimate fits the cap
         store.record_throughput(base_model="tunefleet/tiny-llama", method="qlora", gpu="cpu", gpu_count=1,
                                 tokens_per_s=1e7)
+        store.record_exposure(attempt_id="calibration", provider="(calibration)", gpu="cpu", gpu_count=1, host="",
+                              offer_id="-", interruptible=False, advertised=0.0, hours=0.0, interrupted=False,
+                              base_model="tunefleet/tiny-llama", method="qlora", checkpoint_s=1e-6)
     env = {**os.environ, "TUNEFLEET_HOME": str(home), "TUNEFLEET_MODEL_CACHE": str(model_cache)}
     daemon = [sys.executable, "-m", "orchestrator.cli", "daemon", "--until-idle", "--max-seconds", "300"]
     proc = subprocess.run(daemon, env=env, capture_output=True, text=True, timeout=400)
