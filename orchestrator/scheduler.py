@@ -48,6 +48,7 @@ for it. ``orchestrator.decide`` reads the codes to tell "wait" from "never".
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ from enum import StrEnum
 from typing import Any
 
 from orchestrator.budget import usd
-from providers.base import Offer
+from providers.base import Offer, PriceSource
 
 RESTART_OVERHEAD_H = 2 / 60  # reload model + download checkpoint, on top of the offer's start-up
 MIN_INTERVAL_H = 5 / 60  # never checkpoint more often than this (storage churn, step granularity)
@@ -387,7 +388,7 @@ def _place(offer, estimate, hours, now, left, ckpt_frac, deadline, max_usd, spen
     else:
         wall_h, risk = expected_wall_hours(work_h, 0.0, ceiling_h, 0.0, write_h), 0.0
     est_h = startup_h + wall_h
-    fail = offer.detail("launch_fail_p", 0.0) if offer.extra else 0.0  # learned (orchestrator.learning)
+    fail = _extra(offer, "launch_fail_p", 0.0) if offer.extra else 0.0  # learned (orchestrator.learning)
     if fail > 0:  # expected failed launches before one runs, each a billed start-up
         est_h += startup_h * fail / (1.0 - fail)
     est_usd = offer.usd_per_hour * est_h if offer.usd_total is None else offer.usd_total * left
@@ -407,8 +408,16 @@ def _place(offer, estimate, hours, now, left, ckpt_frac, deadline, max_usd, spen
                      interval_h=interval_h)
 
 
+def _extra(offer: Offer, key: str, default: Any = None) -> Any:
+    """``offer.detail(key)`` without building a dict (``rank`` asks for every offer)."""
+    for k, v in offer.extra:
+        if k == key:
+            return v
+    return default
+
+
 def _host(offer: Offer) -> str:
-    host = offer.detail("host") or offer.detail("machine_id") if offer.extra else None
+    host = _extra(offer, "host") or _extra(offer, "machine_id")
     return f"{offer.provider}/{host}" if host is not None else f"{offer.provider}/{offer.offer_id}"
 
 
@@ -419,22 +428,24 @@ def _price_replacement(viable: list[Placement]) -> None:
     A premium, never a discount: a fallback cheaper than here changes nothing (it would be chosen
     first). It grows with the hazard and shrinks as this offer's price rises, so a worse hazard or
     price never makes an offer cheaper."""
-    cands = sorted((p.est_usd, p.offer.provider, p.offer.offer_id, k) for k, p in enumerate(viable)
-                   if p.est_usd is not None and p.work_hours and not p.avoided and not p.offer.placeholder)
+    cands = heapq.nsmallest(3, ((p.est_usd, p.offer.provider, p.offer.offer_id, k) for k, p in enumerate(viable)
+                                if p.est_usd is not None and p.work_hours and not p.avoided
+                                and p.offer.price_source is not PriceSource.SNAPSHOT))
     if len(cands) < 2:
         return
-    best = [(viable[c[3]], c[0]) for c in cands[:3]]  # with their own cost, before any premium
+    best = [(viable[c[3]], c[0]) for c in cands]  # with their own cost, before any premium
+    dearest = cands[-1][0]  # a fallback costs at most this: offers dearer than it pay no premium
     for p in viable:
         o = p.offer
         if o.hazard_per_hour <= 0 or p.est_usd is None or not p.work_hours or o.usd_total is not None:
             continue
-        host = _host(o)
-        fb, fb_usd = next(((q, c) for q, c in best if q is not p and _host(q.offer) != host), (None, 0.0))
-        if fb is None:
-            continue
         lam, startup_h, work_h = o.hazard_per_hour, o.startup_s / 3600.0, p.work_hours
         here_usd = o.usd_per_hour * (startup_h + work_h)  # the rest of the job here, uninterrupted
-        if fb_usd <= here_usd:
+        if dearest <= here_usd:
+            continue
+        host = _host(o)
+        fb, fb_usd = next(((q, c) for q, c in best if q is not p and _host(q.offer) != host), (None, 0.0))
+        if fb is None or fb_usd <= here_usd:
             continue
         run_h = startup_h + work_h
         x = lam * run_h
