@@ -39,7 +39,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
 
 from providers.base import Offer
 
@@ -106,11 +105,6 @@ class Learned:
     interruptions: int
     hours: float
     level: str  # "host" | "group" | "advertised" (nothing observed)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"advertised": round(self.advertised, 6), "learned": round(self.hazard, 6),
-                "factor": round(self.factor, 4), "observations": self.attempts,
-                "interruptions": self.interruptions, "hours": round(self.hours, 3), "level": self.level}
 
 
 class MarketModel:
