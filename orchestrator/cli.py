@@ -478,6 +478,7 @@ def report(
 
 # ---------------------------------------------------------------- providers / estimate / offers
 from orchestrator import cli_offers  # noqa: E402, F401 - registers its commands here, in this order
+from orchestrator import cli_pull  # noqa: E402, F401
 
 
 # ---------------------------------------------------------------- daemon / demo

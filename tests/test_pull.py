@@ -1,0 +1,115 @@
+"""``tunefleet pull``: the final adapter or a checkpoint, every file checked against its manifest;
+a missing job, an unfinished job, a corrupted file or an occupied folder is a clear error that
+writes nothing. Runs the real CLI against a real store and a real checkpoint folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from infra.config import load_config
+from infra.storage import open_store
+from jobs.spec import load_job_file
+from orchestrator.queue import submit_spec
+from orchestrator.states import JobState
+from orchestrator.store import Store
+from tests.test_cli import EXAMPLE, tf
+
+
+@pytest.fixture
+def world(tmp_path):
+    """A job in a store whose checkpoints live in a local folder: two checkpoints and a final adapter."""
+    home = tmp_path / "home"
+    home.mkdir()
+    ckpt_uri = (tmp_path / "ckpt").as_uri()
+    (home / "config.yaml").write_text(f"default_store: {ckpt_uri}\n")
+    cfg = load_config(home)
+    with Store(cfg.db_path) as store:
+        job_id = submit_spec(store, load_job_file(EXAMPLE), cfg)
+    ckpt = open_store(ckpt_uri)
+    for step in (10, 20):
+        d = tmp_path / f"c{step}"
+        d.mkdir()
+        (d / "adapter_model.safetensors").write_bytes(bytes(range(256)) * step)
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        ckpt.commit_checkpoint(job_id, step, d)
+    final = tmp_path / "final"
+    (final / "sub").mkdir(parents=True)
+    (final / "adapter_model.safetensors").write_bytes(b"\x01\x02" * 5000)
+    (final / "adapter_config.json").write_text('{"r": 8}')
+    (final / "sub" / "tokenizer.json").write_text("{}")
+    return home, tmp_path, ckpt, job_id, final
+
+
+def _succeed(home: Path, job_id: str, ckpt, final: Path) -> None:
+    ref = ckpt.commit_final(job_id, final, {"step": 20, "loss": 1.25})
+    with Store(home / "state.db") as store:
+        store.transition_job(job_id, JobState.RUNNING, kind="running", message="test")
+        store.transition_job(job_id, JobState.SUCCEEDED, kind="succeeded", message="test", adapter_uri=ref.uri, step=20)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_pull_downloads_the_final_adapter_verified_with_its_training_facts(world, tmp_path):
+    home, _, ckpt, job_id, final = world
+    _succeed(home, job_id, ckpt, final)
+    out = json.loads(tf(home, "pull", job_id, str(tmp_path / "got"), "--json", check=True).stdout)
+    got = _tree(tmp_path / "got")
+    facts = json.loads(got.pop("tunefleet_pull.json"))
+    assert got == _tree(final)  # every file, byte for byte, sub-folders included
+    assert facts["job_id"] == job_id and facts["step"] == 20 and facts["final"] and facts["meta"]["loss"] == 1.25
+    assert out["dir"] == str((tmp_path / "got").resolve()) and out["files"] == 3
+    # the default folder name, and a text line for people
+    proc = tf(home, "pull", job_id[:5], check=True)
+    assert f"{job_id}-adapter" in proc.stdout and "sha256 checked" in proc.stdout
+
+
+def test_pull_a_checkpoint_by_step_from_an_unfinished_job(world, tmp_path):
+    home, _, _, job_id, _ = world
+    tf(home, "pull", job_id, str(tmp_path / "s10"), "--step", "10", check=True)
+    assert (tmp_path / "s10" / "adapter_model.safetensors").read_bytes() == bytes(range(256)) * 10
+    proc = tf(home, "pull", job_id, str(tmp_path / "s15"), "--step", "15")
+    assert proc.returncode != 0 and "no committed checkpoint at step 15" in proc.stderr and "10, 20" in proc.stderr
+    assert not (tmp_path / "s15").exists()
+
+
+def test_an_unfinished_or_unknown_job_is_a_clear_error_that_writes_nothing(world, tmp_path):
+    home, _, _, job_id, _ = world
+    proc = tf(home, "pull", job_id, str(tmp_path / "got"))
+    assert proc.returncode != 0
+    assert "queued" in proc.stderr and "only a succeeded job has a final adapter" in proc.stderr
+    assert "--step" in proc.stderr and "10, 20" in proc.stderr  # what can be pulled instead
+    assert not (tmp_path / "got").exists()
+    proc = tf(home, "pull", "jnosuch", str(tmp_path / "got"))
+    assert proc.returncode != 0 and "jnosuch" in proc.stderr and not (tmp_path / "got").exists()
+
+
+def test_a_corrupted_file_fails_the_pull_and_leaves_nothing(world, tmp_path):
+    home, root, ckpt, job_id, final = world
+    _succeed(home, job_id, ckpt, final)
+    stored = root / "ckpt" / job_id / "final" / "adapter_model.safetensors"
+    data = bytearray(stored.read_bytes())
+    data[100] ^= 0xFF  # same size, one byte flipped
+    stored.write_bytes(bytes(data))
+    proc = tf(home, "pull", job_id, str(tmp_path / "got"))
+    assert proc.returncode != 0 and "sha256" in proc.stderr and "nothing was written" in proc.stderr
+    assert not (tmp_path / "got").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".got.")]  # no staging left behind
+    assert stored.read_bytes() == bytes(data)  # the store is left as it was
+
+
+def test_an_occupied_folder_is_never_overwritten(world, tmp_path):
+    home, _, ckpt, job_id, final = world
+    _succeed(home, job_id, ckpt, final)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "mine.txt").write_text("keep me")
+    proc = tf(home, "pull", job_id, str(tmp_path / "busy"))
+    assert proc.returncode == 2 and "never overwrites" in proc.stderr
+    assert _tree(tmp_path / "busy") == {"mine.txt": b"keep me"}
+    (tmp_path / "empty").mkdir()  # an empty folder made for it is fine
+    tf(home, "pull", job_id, str(tmp_path / "empty"), check=True)
+    assert (tmp_path / "empty" / "adapter_config.json").read_text() == '{"r": 8}'
