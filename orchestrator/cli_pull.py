@@ -1,4 +1,5 @@
-"""``tunefleet pull``: a finished job's adapter (or one of its checkpoints) on this machine, verified.
+"""``tunefleet pull`` and ``export``: a finished job's adapter (or a checkpoint) on this machine,
+verified, or exported as a model a server loads.
 
 Why a command: after ``succeeded`` the adapter sits at a URI in the checkpoint store, and getting
 it out by hand means knowing the store's layout and trusting a copy nobody checked. ``pull`` reads
@@ -25,6 +26,61 @@ from orchestrator.states import JobState
 META_FILE = "tunefleet_pull.json"  # what was pulled: the job, the step, the source and its training facts
 
 
+def _find(job: str, step: int | None):
+    """(job row, its store, the committed folder to fetch): the final adapter, or checkpoint ``step``."""
+    from infra.storage import open_store
+
+    config = _config()
+    with _store(config) as store:
+        job_id = _job_id(store, job)
+        row = store.get_job(job_id)
+    uri = (row.spec.get("checkpoint") or {}).get("store") or config.default_store
+    ckpt = open_store(uri)
+    if step is None:
+        ref = ckpt.final(job_id)
+        if ref is None:
+            steps = [r.step for r in ckpt.list_checkpoints(job_id)]
+            hint = f"; committed checkpoints: steps {', '.join(map(str, steps))} (pull --step N)" if steps else ""
+            why = ("it succeeded but its final adapter is not in the store" if row.state is JobState.SUCCEEDED
+                   else f"it is {row.state.value}, and only a succeeded job has a final adapter")
+            raise CliError(f"{job_id} has no final adapter at {uri}: {why}{hint}")
+    else:
+        refs = {r.step: r for r in ckpt.list_checkpoints(job_id)}
+        ref = refs.get(step)
+        if ref is None:
+            have = ", ".join(map(str, sorted(refs))) or "none"
+            raise CliError(f"{job_id} has no committed checkpoint at step {step} (committed: {have})")
+    return row, ckpt, ref
+
+
+def _free(target: Path) -> None:
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise CliError(f"{target} already exists and is not empty: tunefleet never overwrites; name another folder", 2)
+
+
+def _place(staged: Path, target: Path) -> None:
+    """Move a finished folder into place (an empty folder made for it is replaced)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        target.rmdir()
+    os.replace(staged, target)
+
+
+@contextlib.contextmanager
+def _staging(near: Path):
+    """A temporary folder beside ``near`` (same filesystem: the final move is a rename), always removed."""
+    near.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{near.name}.", dir=near.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _status(text: str, quiet: bool):
+    return contextlib.nullcontext() if quiet else console.status(text, spinner="dots")
+
+
 @app.command()
 def pull(
     job: str,
@@ -36,51 +92,25 @@ def pull(
     """Download a finished job's adapter (or checkpoint --step N), every file checked against its manifest."""
     import json
 
-    from infra.storage import CorruptCheckpoint, StorageError, open_store
+    from infra.storage import CorruptCheckpoint, StorageError
 
-    config = _config()
-    with _store(config) as store:
-        job_id = _job_id(store, job)
-        row = store.get_job(job_id)
-    uri = (row.spec.get("checkpoint") or {}).get("store") or config.default_store
+    row, ckpt, ref = _find(job, step)
+    job_id = row.id
     target = Path(dest) if dest is not None else Path(f"{job_id}-adapter" if step is None else f"{job_id}-step{step}")
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise CliError(f"{target} already exists and is not empty: pull never overwrites; name another folder", 2)
+    _free(target)
     try:
-        ckpt = open_store(uri)
-        if step is None:
-            ref = ckpt.final(job_id)
-            if ref is None:
-                steps = [r.step for r in ckpt.list_checkpoints(job_id)]
-                hint = f"; committed checkpoints: steps {', '.join(map(str, steps))} (pull --step N)" if steps else ""
-                why = ("it succeeded but its final adapter is not in the store" if row.state is JobState.SUCCEEDED
-                       else f"it is {row.state.value}, and only a succeeded job has a final adapter")
-                raise CliError(f"{job_id} has no final adapter at {uri}: {why}{hint}")
-        else:
-            refs = {r.step: r for r in ckpt.list_checkpoints(job_id)}
-            ref = refs.get(step)
-            if ref is None:
-                have = ", ".join(map(str, sorted(refs))) or "none"
-                raise CliError(f"{job_id} has no committed checkpoint at step {step} (committed: {have})")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            with console.status(f"pulling {len(ref.files)} files ({ref.size / 1e6:.1f} MB) from {ref.uri}",
-                                spinner="dots") if not json_out else contextlib.nullcontext():
+        with _staging(target) as staging:
+            with _status(f"pulling {len(ref.files)} files ({ref.size / 1e6:.1f} MB) from {ref.uri}", json_out):
                 ckpt.download(ref, staging / "data")
             facts = {"job_id": job_id, "step": ref.step, "source": ref.uri, "files": len(ref.files),
                      "bytes": ref.size, "final": step is None, "meta": ref.meta,
                      "base_model": row.spec.get("base_model"), "adapter": row.spec.get("adapter")}
             (staging / "data" / META_FILE).write_text(json.dumps(facts, indent=1, default=str) + "\n")
-            if target.exists():
-                target.rmdir()  # an empty folder the user made for it
-            os.replace(staging / "data", target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            _place(staging / "data", target)
     except CorruptCheckpoint as exc:
         raise CliError(f"{exc}; nothing was written (the checkpoint in the store is left as it is)") from None
     except StorageError as exc:
-        raise CliError(f"checkpoint store {uri}: {exc}; nothing was written") from None
+        raise CliError(f"checkpoint store {ckpt.key_uri('')}: {exc}; nothing was written") from None
     out: dict[str, Any] = {**facts, "dir": str(target.resolve())}
     if json_out:
         _emit_json(out)
@@ -88,3 +118,64 @@ def pull(
     what = "final adapter" if step is None else f"checkpoint at step {ref.step}"
     console.print(f"{job_id}: {what} ({len(ref.files)} files, {ref.size / 1e6:.1f} MB, sha256 checked) -> {target}")
 
+
+@app.command()
+def export(
+    job: str,
+    dest: Annotated[str, typer.Argument(help="A folder to create, or s3://bucket/prefix (must be empty).")],
+    merge: Annotated[bool, typer.Option("--merge", help="Merge the adapter into the base model: a standard "
+                                        "Hugging Face model folder (else the PEFT adapter, served as a LoRA).")] = False,
+    dtype: Annotated[str, typer.Option("--dtype", help="Weights of the merged model: bf16, fp16 or fp32.")] = "bf16",
+    json_out: JsonOpt = False,
+) -> None:
+    """A succeeded job's model as a server loads it: the LoRA adapter, or (--merge) base and adapter merged."""
+    from infra.storage import CorruptCheckpoint, StorageError, open_store
+    from jobs.export import DTYPES, ExportError
+
+    if dtype not in DTYPES:
+        raise CliError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}", 2)
+    remote = "://" in dest and not dest.startswith("file://")
+    if remote:
+        try:
+            out_store = open_store(dest)
+            if out_store.list_keys(""):
+                raise CliError(f"{dest} already holds objects: tunefleet never overwrites; name another prefix", 2)
+        except StorageError as exc:
+            raise CliError(f"{dest}: {exc}", 2) from None
+        target = Path(tempfile.gettempdir()) / "tunefleet-export"
+    else:
+        target = Path(dest.removeprefix("file://"))
+        _free(target)
+    row, ckpt, ref = _find(job, None)
+    from jobs.export import export as do_export
+
+    try:
+        with _staging(target) as staging:
+            with _status(f"pulling the final adapter from {ref.uri}", json_out):
+                ckpt.download(ref, staging / "adapter")
+            with _status("merging into the base model" if merge else "writing the adapter", json_out):
+                done = do_export(staging / "adapter", staging / "out", base_model=row.spec["base_model"],
+                                 merge=merge, dtype=dtype)
+            if remote:
+                with _status(f"uploading {len(done['files'])} files to {dest}", json_out):
+                    for rel in done["files"]:
+                        out_store.put_file(rel, staging / "out" / rel)
+            else:
+                _place(staging / "out", target)
+    except ExportError as exc:
+        raise CliError(str(exc), 2) from None
+    except CorruptCheckpoint as exc:
+        raise CliError(f"{exc}; nothing was written") from None
+    except StorageError as exc:
+        raise CliError(f"{exc}; the export is incomplete" if remote else f"{exc}; nothing was written") from None
+    where = dest if remote else str(target.resolve())
+    out = {"job_id": row.id, "kind": done["kind"], "dtype": done["dtype"], "dest": where, "files": done["files"],
+           "base_model": row.spec["base_model"], "step": ref.step}
+    if json_out:
+        _emit_json(out)
+        return
+    console.print(f"{row.id}: {done['kind']} ({len(done['files'])} files) -> {where}")
+    if done["kind"] == "merged":
+        console.print(f"serve it: vllm serve {where}")
+    elif done["kind"] == "adapter":
+        console.print(f"serve it: vllm serve {row.spec['base_model']} --enable-lora --lora-modules {row.id}={where}")

@@ -1,0 +1,90 @@
+"""A trained adapter as something a server loads: a PEFT adapter folder, or the merged model.
+
+Why here (``jobs/``): it loads the base model and the adapter the way the payload trained them
+(``jobs.train.load_model_and_tokenizer``'s sources), and nothing about providers. The CLI
+(``tunefleet export``) downloads the verified final adapter first and hands its folder to
+``export``.
+
+- Without ``merge``: the adapter folder as PEFT writes it (``adapter_config.json``,
+  ``adapter_model.safetensors``) with the tokenizer, which vLLM serves as a LoRA
+  (``--enable-lora --lora-modules name=DIR``) next to the base model.
+- With ``merge``: the base model loaded in full precision (a QLoRA adapter trained on a 4-bit base
+  is merged into the unquantized weights), the adapter merged into it (``merge_and_unload``), saved
+  as a standard Hugging Face folder (safetensors, config, tokenizer) in ``dtype``, which vLLM, TGI
+  and transformers load as they are.
+- A full fine-tune's final folder is already a model: it is copied (``merge`` changes nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("bf16", "fp16", "fp32")
+_TRAINING_META = "tunefleet_training.json"
+
+
+class ExportError(Exception):
+    """The adapter cannot be exported as asked (what is wrong and how to fix it)."""
+
+
+def base_source(base_model: str) -> str:
+    """Where the base model's weights are read from: the built-in tiny model, a local folder, or a
+    Hugging Face id (from the local cache, or downloaded)."""
+    from jobs.tiny import TINY_MODEL_ID, tiny_model_dir
+
+    return str(tiny_model_dir()) if base_model == TINY_MODEL_ID else base_model
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def export(adapter_dir: Path, out_dir: Path, *, base_model: str, merge: bool, dtype: str = "bf16") -> dict[str, Any]:
+    """Write the export of ``adapter_dir`` (a verified final folder) into ``out_dir`` (must not exist).
+
+    Returns what was written: ``kind`` (adapter | merged | model), ``files``, ``dtype``."""
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    is_adapter = (adapter_dir / "adapter_config.json").is_file()
+    if not is_adapter:  # a full fine-tune: the final folder is the model
+        if not (adapter_dir / "config.json").is_file():
+            raise ExportError(f"{adapter_dir} holds neither a PEFT adapter nor a model (no adapter_config.json, "
+                              "no config.json)")
+        shutil.copytree(adapter_dir, out_dir)
+        return {"kind": "model", "files": _files(out_dir), "dtype": None}
+    if not merge:
+        shutil.copytree(adapter_dir, out_dir)
+        cfg_path = out_dir / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = base_model  # what a server loads it onto, not a cache path
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+        return {"kind": "adapter", "files": _files(out_dir), "dtype": None}
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = base_source(base_model)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(source, dtype=_torch_dtype("fp32"))
+    except OSError as exc:
+        raise ExportError(f"cannot load the base model {base_model!r} to merge into ({exc}); export without "
+                          "--merge for the adapter alone, or make the base model readable here") from None
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()  # merged in fp32
+    merged = merged.to(_torch_dtype(dtype))
+    out_dir.mkdir(parents=True)
+    merged.save_pretrained(str(out_dir), safe_serialization=True)
+    tok_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(source)
+    AutoTokenizer.from_pretrained(str(tok_source)).save_pretrained(str(out_dir))
+    if (adapter_dir / _TRAINING_META).is_file():
+        shutil.copy2(adapter_dir / _TRAINING_META, out_dir / _TRAINING_META)
+    return {"kind": "merged", "files": _files(out_dir), "dtype": dtype}
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
