@@ -15,6 +15,7 @@ from jobs.spec import load_job_file
 from orchestrator.queue import submit_spec
 from orchestrator.states import JobState
 from orchestrator.store import Store
+from tests.s3_fixtures import moto_server, s3_bucket  # noqa: F401 - fixtures
 from tests.test_cli import EXAMPLE, tf
 
 
@@ -113,3 +114,23 @@ def test_an_occupied_folder_is_never_overwritten(world, tmp_path):
     (tmp_path / "empty").mkdir()  # an empty folder made for it is fine
     tf(home, "pull", job_id, str(tmp_path / "empty"), check=True)
     assert (tmp_path / "empty" / "adapter_config.json").read_text() == '{"r": 8}'
+
+
+def test_export_of_the_adapter_to_s3_writes_every_file_once_and_never_over_objects(world, moto_server, s3_bucket):
+    """No --merge: the PEFT folder (no model is loaded), uploaded under an empty s3:// prefix."""
+    from tests.s3_fixtures import aws_env, raw_client
+
+    home, _, ckpt, job_id, final = world
+    _succeed(home, job_id, ckpt, final)
+    dest = f"s3://{s3_bucket}/models/{job_id}"
+    with aws_env(AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s", AWS_DEFAULT_REGION="us-east-1",
+                 AWS_ENDPOINT_URL=moto_server):
+        out = json.loads(tf(home, "export", job_id, dest, "--json", check=True).stdout)
+        assert out["kind"] == "adapter" and out["dest"] == dest
+        listed = raw_client(moto_server).list_objects_v2(Bucket=s3_bucket, Prefix=f"models/{job_id}/")
+        keys = sorted(o["Key"].removeprefix(f"models/{job_id}/") for o in listed["Contents"])
+        assert keys == sorted(out["files"]) == sorted(_tree(final))
+        body = raw_client(moto_server).get_object(Bucket=s3_bucket, Key=f"models/{job_id}/adapter_config.json")
+        assert json.loads(body["Body"].read()) == {"r": 8, "base_model_name_or_path": "tunefleet/tiny-llama"}
+        again = tf(home, "export", job_id, dest)
+        assert again.returncode == 2 and "never overwrites" in again.stderr
