@@ -55,7 +55,7 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_pull_downloads_the_final_adapter_verified_with_its_training_facts(world, tmp_path):
+def test_pull_downloads_the_final_adapter_verified_with_its_training_facts(world, tmp_path, monkeypatch):
     home, _, ckpt, job_id, final = world
     _succeed(home, job_id, ckpt, final)
     out = json.loads(tf(home, "pull", job_id, str(tmp_path / "got"), "--json", check=True).stdout)
@@ -64,9 +64,11 @@ def test_pull_downloads_the_final_adapter_verified_with_its_training_facts(world
     assert got == _tree(final)  # every file, byte for byte, sub-folders included
     assert facts["job_id"] == job_id and facts["step"] == 20 and facts["final"] and facts["meta"]["loss"] == 1.25
     assert out["dir"] == str((tmp_path / "got").resolve()) and out["files"] == 3
-    # the default folder name, and a text line for people
+    # the default folder name (in the working directory), and a text line for people
+    monkeypatch.chdir(tmp_path)
     proc = tf(home, "pull", job_id[:5], check=True)
     assert f"{job_id}-adapter" in proc.stdout and "sha256 checked" in proc.stdout
+    assert (tmp_path / f"{job_id}-adapter" / "adapter_config.json").is_file()
 
 
 def test_pull_a_checkpoint_by_step_from_an_unfinished_job(world, tmp_path):
