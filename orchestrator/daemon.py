@@ -113,6 +113,7 @@ class Daemon(WatchMixin, EndingMixin, PlacingMixin, RemoteMixin, ReconcileMixin)
         self._stores: dict[str, CheckpointStore] = {}
         self._estimates: dict[str, Any] = {}  # job id -> Estimate (None when it cannot be made)
         self._market: MarketModel | None = None  # learned hazards (orchestrator.learning), read on first use
+        self._ckpt_cost: dict[tuple[str, str], float | None] = {}  # (model, method) -> measured checkpoint s
         self._avoid: dict[tuple[str, str], float] = {}  # (provider, offer) -> until: ranks last
         self._blocked: dict[tuple[str, str], float] = {}  # (provider, offer) -> until: not used
         self._checked: dict[str, float] = {}  # job id -> when placement was last decided

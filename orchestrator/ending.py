@@ -269,6 +269,8 @@ class EndingMixin:
             checkpoint_s=float(ckpt) if isinstance(ckpt, (int, float)) and ckpt > 0 else None)
         if new and self._market is not None:
             self._market.observe(exposure)
+        if new and isinstance(ckpt, (int, float)) and ckpt > 0:
+            self._ckpt_cost.pop((job.spec.get("base_model"), job.spec.get("adapter") or "full"), None)
 
 
 def _legacy_code(att: AttemptRow) -> EndReason:

@@ -79,6 +79,14 @@ class PlacingMixin:
                 self.store.set_waiting(job.id, Code.ERROR, f"placing it failed: {type(exc).__name__}: {exc}",
                                        self.clock() + self.config.scaled(60.0))
 
+    def _checkpoint_cost(self, job: JobRow) -> float | None:
+        """The measured seconds of one checkpoint for the job's model and method (None: not yet),
+        read once and forgotten when an attempt measures a new one (``_record_exposure``)."""
+        key = (job.spec["base_model"], job.spec.get("adapter") or "full")
+        if key not in self._ckpt_cost:
+            self._ckpt_cost[key] = self.store.checkpoint_cost(*key)
+        return self._ckpt_cost[key]
+
     def _market_model(self) -> MarketModel:
         """What attempts have shown about hazards: read from the store once, then kept up to date
         by each attempt's end (``_record_exposure``)."""
@@ -161,7 +169,7 @@ class PlacingMixin:
         self._store_tries.pop(job.id, None)  # its store answered
         done_steps = latest.step if latest else 0
         caps = self.caps.for_launch(job, now, live, self._sweep)
-        ckpt_s = self.store.checkpoint_cost(job.spec["base_model"], job.spec.get("adapter") or "full")
+        ckpt_s = self._checkpoint_cost(job)
         d = decide(JobView(job.id, job.spec, job.cost_usd, done_steps, ckpt_s), est, offers, caps, usage, now)
         if d.launches:
             return self._launch(job, d, done_steps, live, counts)
