@@ -6,10 +6,11 @@ Pure: no network, no database, no clock of its own. The daemon, ``tunefleet offe
 market simulator all call it, so the same inputs give the same placement everywhere. Every rule
 about placing a job lives here; ``orchestrator.scheduler.rank`` prices and orders the offers.
 
-The verdicts, each with a reason *code* (``Code``) and a line of text:
+Offers are ranked at their *learned* hazards and launch failure rates where ``usage.market`` has
+observed their provider, GPU model or host (``orchestrator.learning``); the advertised hazard stays
+in the offer's extra.
 
-Offers are ranked at their *learned* hazards where ``usage.market`` has observed their provider,
-GPU model or host (``orchestrator.learning``); the advertised figure stays in the offer's extra.
+The verdicts, each with a reason *code* (``Code``) and a line of text:
 
 - **place** on the best ready offer: viable for the job (``rank``), launchable (not a snapshot
   quote, from a provider this caller can launch on), its provider neither down nor at its

@@ -19,9 +19,9 @@ from typing import Any
 
 from infra.storage import StorageError
 from jobs.estimate import estimate
+from jobs.spec import MAX_CHECKPOINT_INTERVAL_S
 from orchestrator.calls import CallTimeout
 from orchestrator.decide import Code, Decision, JobView, Usage, Verdict, decide
-from jobs.spec import MAX_CHECKPOINT_INTERVAL_S
 from orchestrator.learning import MarketModel
 from orchestrator.states import JobState
 from orchestrator.store import InvalidTransition, JobRow
