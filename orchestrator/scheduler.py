@@ -310,7 +310,7 @@ def rank(
             hours_cache[key] = estimate.hours(gpu, count)
         return hours_cache[key]
 
-    viable: list[tuple[Any, ...]] = []
+    viable: list[Placement] = []
     rejected: list[tuple[Any, ...]] = []
     allowed, restricted, cap, floor = checker.allowed, checker.restricted, checker.cap, checker.vram_floor
     spot_never, spot_only, gpus_needed = checker.spot == "never", checker.spot == "only", checker.gpus
@@ -346,16 +346,16 @@ def rank(
         _price_replacement(viable)
     keyed = []
     for i, p in enumerate(viable):  # a flat tuple sorts at C speed: not recently lost; a checked price;
-        # owned by policy; cost; finish; $/h; ids (a placeholder price never ranks above a checked one)
+        # slack for the deadline; owned by policy; cost; finish; $/h; ids (a placeholder price never
+        # ranks above a checked one)
         offer = p.offer
         cost = math.inf if p.est_usd is None else p.est_usd * (owned_discount if offer.owned else 1.0)
         keyed.append((p.avoided, offer.placeholder, p.tight, prefer_owned and not offer.owned, cost,
                       math.inf if p.finish_at is None else p.finish_at, offer.usd_per_hour,
                       offer.provider, offer.offer_id, i, p))
-    viable = keyed
-    viable.sort()
+    keyed.sort()
     rejected.sort()
-    return [t[-1] for t in viable] + [t[-1] for t in rejected]
+    return [t[-1] for t in keyed] + [t[-1] for t in rejected]
 
 
 def _place(offer, estimate, hours, now, left, ckpt_frac, deadline, max_usd, spent_usd, avoided,
