@@ -335,6 +335,16 @@ class Resources(BaseModel):
     gpu_vram_gb: VramGB = "auto"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     cpus: int = Field(1, ge=1, le=4096)
+    #: Machines to train on. Only 1 today: accepted (so a job file can say it) and left out of the payload.
+    nodes: int = Field(1, exclude=True)
+
+    @field_validator("nodes")
+    @classmethod
+    def _one_node(cls, value: int) -> int:
+        if value != 1:
+            raise _invalid("nodes", f"{value} nodes: multi-node training is not supported yet; use one machine "
+                                    "(nodes: 1) with up to 64 GPUs (resources.gpus)")
+        return value
 
 
 class Policy(BaseModel):
@@ -926,7 +936,8 @@ def _allowed_range(loc: _Path) -> str | None:
     return " and ".join(parts) or None
 
 
-_OWN_ERRORS = frozenset({"dataset_path", "store_uri", "job_name", "vram", "bf16", "base_model", _RULE_ERROR})
+_OWN_ERRORS = frozenset({"dataset_path", "store_uri", "job_name", "vram", "bf16", "base_model", "nodes",
+                         _RULE_ERROR})
 
 
 def _short(value: object) -> bool:

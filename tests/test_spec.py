@@ -572,3 +572,10 @@ def test_valid_documents_do_load(job_dir: Path) -> None:
     doc = {"base_model": "tunefleet/tiny-llama", "datasets": [{"path": "data/train.jsonl"}], "bf16": True}
     spec = load_job_text(yaml.safe_dump(doc), base_dir=job_dir)
     assert spec.bf16 is True and not math.isnan(spec.learning_rate)
+
+
+def test_one_node_is_accepted_and_more_are_refused_with_the_way_out(job_dir: Path) -> None:
+    one = load_job_text(MINIMAL + "resources:\n  gpus: 4\n  nodes: 1\n", base_dir=job_dir, source_name="job.yaml")
+    assert one.resources.gpus == 4 and "nodes" not in one.to_payload_dict()["resources"]  # not in the payload
+    problem = by_loc(problems_of(MINIMAL + "resources:\n  nodes: 2\n", job_dir))["resources.nodes"]
+    assert "multi-node training is not supported yet" in problem.message and "resources.gpus" in problem.message
