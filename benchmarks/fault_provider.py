@@ -85,6 +85,7 @@ class Machine:
     usd_per_hour: float = 0.0  # the rented offer's price
     step: int = 0
     committed: int = 0
+    checkpoint_s: float | None = None  # the last commit's duration, reported as the payload does
     state: str = "running"  # running | exited | lost | destroyed
     exit_code: int | None = None
     stuck: bool = False
@@ -281,14 +282,16 @@ class FaultProvider(Provider):
 
     def _commit(self, m: Machine) -> None:
         try:
+            t0 = time.monotonic()
             m.store.commit_checkpoint(m.job_id, m.step, self._adapter, meta={"attempt_id": m.attempt_id})
             m.committed = m.step
+            m.checkpoint_s = max(1e-6, time.monotonic() - t0)
         except Exception:  # noqa: BLE001 - rides out the outage; the next checkpoint carries the progress
             pass
 
     def _progress(self, m: Machine, **extra: Any) -> None:
         doc = {"attempt_id": m.attempt_id, "step": m.step, "total_steps": m.steps, "checkpoint_step": m.committed,
-               "state": "running", "updated_at": time.time(), **extra}
+               "checkpoint_s": m.checkpoint_s, "state": "running", "updated_at": time.time(), **extra}
         try:
             m.store.write_json(m.job_id, "progress.json", doc)
         except Exception:  # noqa: BLE001

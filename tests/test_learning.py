@@ -221,6 +221,10 @@ def test_the_daemon_records_every_attempt_as_an_exposure_and_learns_from_preempt
     groups = {(p, g) for (p, g, _) in tallies if p == prov.name}
     assert d._market is not None
     assert sum(d._market.tallies[(p, g, "")].interruptions for p, g in groups) == len(preempted)
+    # the checkpoint seconds the attempts reported are what the next decision for this model uses
+    measured = store.checkpoint_cost("tunefleet/tiny-llama", "qlora")
+    assert measured is not None and measured > 0
+    assert d._checkpoint_cost(store.get_job(job)) == measured
 
 
 def test_providers_shows_advertised_vs_learned_with_the_evidence(offline_home):
