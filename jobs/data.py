@@ -72,6 +72,17 @@ def _example(pieces: list[tuple[list[int], int]], bos: int | None, eos: int | No
     return Example(ids[:max_len], mask[:max_len])
 
 
+def prompt_text(kind: str, text: str, tokenizer) -> str:
+    """A bare prompt in the format the model was trained on (the job's dataset type), ready for the
+    model to continue with its answer."""
+    if kind == "alpaca":
+        return ALPACA_PROMPT.format(instruction=text, input_block="")
+    if kind == "chat_template":
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return text
+
+
 def tokenize_rows(rows: list[dict[str, Any]], kind: str, tokenizer, max_len: int, field: str | None, where: str) -> list[Example]:
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     out = []

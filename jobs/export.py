@@ -86,5 +86,68 @@ def export(adapter_dir: Path, out_dir: Path, *, base_model: str, merge: bool, dt
     return {"kind": "merged", "files": _files(out_dir), "dtype": dtype}
 
 
+def load_trained(adapter_dir: Path, base_model: str):
+    """(model, tokenizer) as training left them: base + adapter (full precision), or the full model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter_dir = Path(adapter_dir)
+    tok_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base_source(base_model))
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
+    if (adapter_dir / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        try:
+            base = AutoModelForCausalLM.from_pretrained(base_source(base_model), dtype=torch.float32)
+        except OSError as exc:
+            raise ExportError(f"cannot load the base model {base_model!r} ({exc}); make it readable here") from None
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.float32)
+    model.eval()
+    return model, tokenizer
+
+
+def complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, kind: str = "completion") -> list[str]:
+    """Greedy completions (deterministic: the same model and prompt give the same text), each prompt
+    put in the format of the job's dataset type ``kind`` first (alpaca, chat_template, completion)."""
+    import torch
+
+    from jobs.data import prompt_text
+
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt_text(kind, prompt, tokenizer), return_tensors="pt")
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        out.append(tokenizer.decode(gen[0][ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return out
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a file: one per line, or JSON lines with ``prompt``, ``instruction`` or ``text``."""
+    try:
+        lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExportError(f"--prompts {path}: cannot read it ({exc})") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if line.lstrip().startswith("{"):
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise ExportError(f"--prompts {path}:{n}: not a JSON object ({exc})") from None
+            text = next((row[k] for k in ("prompt", "instruction", "text") if isinstance(row.get(k), str)), None)
+            if text is None:
+                raise ExportError(f"--prompts {path}:{n}: needs a string 'prompt', 'instruction' or 'text'")
+            prompts.append(text)
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise ExportError(f"--prompts {path}: no prompts in it (one per line, or JSON lines with 'prompt')")
+    return prompts
+
+
 def _files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from orchestrator.cli_base import CliError, JsonOpt, _config, _emit_json, _job_id, _store, app, console
 from orchestrator.states import JobState
@@ -179,3 +180,50 @@ def export(
         console.print(f"serve it: vllm serve {where}")
     elif done["kind"] == "adapter":
         console.print(f"serve it: vllm serve {row.spec['base_model']} --enable-lora --lora-modules {row.id}={where}")
+
+
+@app.command("eval")
+def eval_(
+    job: str,
+    prompts: Annotated[Path, typer.Option("--prompts", help="One prompt per line, or JSON lines with 'prompt'.")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, max=4096)] = 64,
+    json_out: JsonOpt = False,
+) -> None:
+    """A quick look at a succeeded job's model: its final eval loss and perplexity, and greedy
+    completions of a few prompts from base + adapter."""
+    import math
+
+    from infra.storage import CorruptCheckpoint, StorageError
+    from jobs.export import ExportError, complete, load_trained, read_prompts
+
+    try:
+        texts = read_prompts(prompts)
+    except ExportError as exc:
+        raise CliError(str(exc), 2) from None
+    row, ckpt, ref = _find(job, None)
+    eval_loss = ref.meta.get("eval_loss") if isinstance(ref.meta.get("eval_loss"), (int, float)) else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="tunefleet-eval.") as tmp:
+            with _status(f"pulling the final adapter from {ref.uri}", json_out):
+                ckpt.download(ref, Path(tmp) / "adapter")
+            with _status(f"generating {len(texts)} completions", json_out):
+                model, tokenizer = load_trained(Path(tmp) / "adapter", row.spec["base_model"])
+                kind = str(((row.spec.get("datasets") or [{}])[0]).get("type") or "completion")
+                outs = complete(model, tokenizer, texts, max_new_tokens, kind)
+    except ExportError as exc:
+        raise CliError(str(exc), 2) from None
+    except (CorruptCheckpoint, StorageError) as exc:
+        raise CliError(str(exc)) from None
+    out = {"job_id": row.id, "step": ref.step, "loss": ref.meta.get("loss"), "eval_loss": eval_loss,
+           "perplexity": math.exp(eval_loss) if eval_loss is not None and eval_loss < 700 else None,
+           "completions": [{"prompt": p, "completion": c} for p, c in zip(texts, outs, strict=True)]}
+    if json_out:
+        _emit_json(out)
+        return
+    ppl = f", eval loss {eval_loss:.4f} (perplexity {out['perplexity']:.2f})" if eval_loss is not None else (
+        ", no eval loss (give the job val_set_size to measure one)")
+    console.print(f"[bold]{row.id}[/] at step {ref.step}{ppl}")
+    for item in out["completions"]:
+        text = escape(item["completion"]) if item["completion"].strip() else (
+            "[dim](nothing: the model ended its answer at once)[/]")
+        console.print(f"\n[bold]> {escape(item['prompt'])}[/]\n{text}")

@@ -42,7 +42,7 @@ def succeeded(tmp_path, model_cache):
     peft_model.save_pretrained(str(final))
     AutoTokenizer.from_pretrained(str(tiny_model_dir())).save_pretrained(str(final))
     (final / "tunefleet_training.json").write_text(json.dumps({"step": 40, "loss": 2.5}))
-    ref = open_store(cfg.default_store).commit_final(job_id, final, {"step": 40, "loss": 2.5})
+    ref = open_store(cfg.default_store).commit_final(job_id, final, {"step": 40, "loss": 2.5, "eval_loss": 1.0})
     with Store(cfg.db_path) as store:
         store.transition_job(job_id, JobState.RUNNING, kind="running", message="test")
         store.transition_job(job_id, JobState.SUCCEEDED, kind="succeeded", message="test", adapter_uri=ref.uri,
@@ -110,3 +110,39 @@ def test_export_without_merge_is_a_lora_folder_a_server_loads_and_bad_requests_w
     assert proc.returncode == 2 and "bf16, fp16, fp32" in proc.stderr and not (tmp_path / "x").exists()
     proc = tf(home, "export", job_id, str(tmp_path / "lora"))
     assert proc.returncode == 2 and "never overwrites" in proc.stderr
+
+
+def test_eval_prints_perplexity_and_greedy_completions_of_base_plus_adapter(succeeded, tmp_path):
+    import math
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jobs.data import ALPACA_PROMPT
+    from jobs.tiny import tiny_model_dir
+
+    home, job_id, final = succeeded
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('Name a colour.\n{"instruction": "Count to three."}\n')
+    out = json.loads(tf(home, "eval", job_id, "--prompts", str(prompts), "--max-new-tokens", "12", "--json",
+                        check=True).stdout)
+    assert out["eval_loss"] == 1.0 and out["perplexity"] == pytest.approx(math.e)
+    # what the adapter itself says, greedily, to each prompt in the job's format (alpaca)
+    tok = AutoTokenizer.from_pretrained(str(final))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir()),
+                                                                           dtype=torch.float32), str(final)).eval()
+    want = []
+    for text in ("Name a colour.", "Count to three."):
+        ids = tok(ALPACA_PROMPT.format(instruction=text, input_block=""), return_tensors="pt")
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=12, do_sample=False,
+                                 pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        want.append(tok.decode(gen[0][ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    assert [c["prompt"] for c in out["completions"]] == ["Name a colour.", "Count to three."]
+    assert [c["completion"] for c in out["completions"]] == want and any(w.strip() for w in want)
+    # a prompts file with nothing usable is a clear error before anything is downloaded
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "no prompt key"}\n')
+    proc = tf(home, "eval", job_id, "--prompts", str(bad))
+    assert proc.returncode == 2 and "bad.jsonl:1" in proc.stderr and "'prompt'" in proc.stderr
