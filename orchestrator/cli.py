@@ -441,14 +441,17 @@ def sweep(
 
 def _print_sweep(s: dict[str, Any]) -> None:
     table = Table(box=None, header_style="bold")
-    for col in ("TRIAL", "PARAMS", "RUNG", "EVAL LOSS", "STEPS", "COST", "STATE"):
-        table.add_column(col, justify="right" if col in ("RUNG", "EVAL LOSS", "STEPS", "COST") else "left")
-    for r in s["trials"]:
+    for col in ("TRIAL", "PARAMS", "BEST RUNG", "EVAL LOSS", "STEPS", "COST", "LAST RUNG", "STATE"):
+        table.add_column(col, justify="right" if col in ("BEST RUNG", "EVAL LOSS", "STEPS", "COST", "LAST RUNG")
+                         else "left")
+    for r in s["trials"]:  # best rung: the furthest one the trial completed; last: the furthest it reached
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
-        table.add_row(str(r["trial"]), params, str(r["rung"]),
+        table.add_row(str(r["trial"]), params, "-" if r["rung"] is None else str(r["rung"]),
                       f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-",
-                      str(r["steps"]), usd(r['cost_usd']), r["state"])
+                      str(r["steps"]), usd(r['cost_usd']), str(r["reached_rung"]), r["state"])
     console.print(table, crop=False)
+    if s.get("reason"):
+        console.print(f"[yellow]{s['reason']}[/]")
     console.print(f"{s['id']} {s['name']} ({s['state']}) {s['strategy']}, rung {s['rung'] + 1}/{len(s['rungs'])} "
                   f"(steps {s['rungs']}); spent {usd(s['spent_usd'])} of {usd(s['budget_usd'])}")
     if s["best_adapter_uri"]:

@@ -291,6 +291,21 @@ class Daemon(WatchMixin, EndingMixin, PlacingMixin, RemoteMixin, ReconcileMixin)
                 return float(loss) if isinstance(loss, (int, float)) else None
         return None
 
+    def _end_early(self, sweep_id: str, trials: list[dict[str, Any]], rung: int, why: str) -> None:
+        """A rung no trial finished (its budget ran out, or every trial failed): the sweep ends with
+        the best adapter of an earlier rung if there is one (``done``), else ``failed``."""
+        done = [(t["rung"], t["job_id"]) for t in trials if t["rung"] < rung and t["state"] is JobState.SUCCEEDED]
+        if not done:
+            self.store.update_sweep(sweep_id, state="failed", reason=why)
+            self.log.warning("sweep failed", sweep_id=sweep_id, reason=why)
+            return
+        top = max(r for r, _ in done)
+        results = [(job_id, self._eval_loss(job_id)) for r, job_id in done if r == top]
+        best = survivors(results, len(results))[:1] or [results[0][0]]
+        reason = f"{why}; the best adapter so far is from rung {top}"
+        self.store.update_sweep(sweep_id, state="done", best_job_id=best[0], reason=reason)
+        self.log.warning("sweep ended early", sweep_id=sweep_id, reason=reason, best=best[0])
+
     def _advance_sweeps(self) -> None:
         for sweep_id in self.store.active_sweeps():
             sweep = self.store.get_sweep(sweep_id)
@@ -305,14 +320,15 @@ class Daemon(WatchMixin, EndingMixin, PlacingMixin, RemoteMixin, ReconcileMixin)
             if last:
                 best = survivors(results, len(results) or 1)[:1] or [t["job_id"] for t in current
                                                                        if t["state"] is JobState.SUCCEEDED][:1]
-                self.store.update_sweep(sweep_id, state="done" if best else "failed",
-                                        best_job_id=best[0] if best else None,
-                                        reason=None if best else "no trial finished")
-                self.log.info("sweep done", sweep_id=sweep_id, best=best)
+                if best:
+                    self.store.update_sweep(sweep_id, state="done", best_job_id=best[0], reason=None)
+                    self.log.info("sweep done", sweep_id=sweep_id, best=best)
+                else:
+                    self._end_early(sweep_id, trials, rung, "no trial finished the last rung")
                 continue
             keep = survivors(results, plan["sweep"]["halving"]["eta"])
             if not keep:
-                self.store.update_sweep(sweep_id, state="failed", reason=f"no trial finished rung {rung} with an eval loss")
+                self._end_early(sweep_id, trials, rung, f"no trial finished rung {rung} with an eval loss")
                 continue
             already = {t["trial"] for t in trials if t["rung"] == rung + 1}
             by_job = {t["job_id"]: t for t in current}

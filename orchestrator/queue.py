@@ -87,20 +87,28 @@ def submit_sweep(store, path, config: Config) -> str:
 
 
 def sweep_summary(store, sweep_id: str) -> dict[str, Any]:
-    """The leaderboard of a sweep: one row per trial, at the furthest rung it reached."""
+    """The leaderboard of a sweep: one row per trial, at its best *completed* rung (the furthest
+    one it finished; a trial promoted and then stopped keeps the eval loss and adapter it had), with
+    the furthest rung it reached and that attempt's state beside it."""
     from infra.storage import open_store
 
     sweep = store.get_sweep(sweep_id)
     rows: dict[int, dict[str, Any]] = {}
-    for t in store.trials(sweep["id"]):
+    for t in store.trials(sweep["id"]):  # by rung, then trial
         job = store.get_job(t["job_id"])
-        final = open_store(job.spec["checkpoint"]["store"]).final(job.id) if job.state.value == "succeeded" else None
-        row = rows.setdefault(t["trial"], {"trial": t["trial"], "params": t["params"], "cost_usd": 0.0})
+        row = rows.setdefault(t["trial"], {"trial": t["trial"], "params": t["params"], "cost_usd": 0.0,
+                                           "rung": None, "job_id": None, "steps": None, "eval_loss": None,
+                                           "adapter_uri": None})
         row["cost_usd"] += t["cost_usd"]
-        row.update(rung=t["rung"], job_id=job.id, state=job.state.value, steps=job.step,
-                   eval_loss=(final.meta.get("eval_loss") if final else None),
-                   adapter_uri=job.adapter_uri)
-    board = sorted(rows.values(), key=lambda r: (-r["rung"], r["eval_loss"] is None, r["eval_loss"] or 0.0, r["trial"]))
+        row.update(reached_rung=t["rung"], state=job.state.value)
+        if job.state.value == "succeeded":
+            final = open_store(job.spec["checkpoint"]["store"]).final(job.id)
+            row.update(rung=t["rung"], job_id=job.id, steps=job.step, adapter_uri=job.adapter_uri,
+                       eval_loss=(final.meta.get("eval_loss") if final else None))
+        elif row["job_id"] is None:  # nothing completed yet: show the attempt in progress
+            row.update(job_id=job.id, steps=job.step)
+    board = sorted(rows.values(), key=lambda r: (r["rung"] is None, -(r["rung"] or 0), r["eval_loss"] is None,
+                                                 r["eval_loss"] or 0.0, r["trial"]))
     best = store.get_job(sweep["best_job_id"]) if sweep["best_job_id"] else None
     return {
         "id": sweep["id"],

@@ -113,3 +113,60 @@ def test_successive_halving_sweep_end_to_end(tmp_path, model_cache):
     # later rungs continue from the previous rung's checkpoint, not from scratch
     logs = "".join(p.read_text() for p in (home / "logs").glob("j*.log"))
     assert logs.count("seeded from job") == 3
+
+
+def test_a_sweep_whose_last_rung_ran_out_of_budget_names_its_best_adapter_so_far(tmp_path):
+    """Rung 0 finished (two trials, eval losses 1.0 and 2.0); the promoted trial was stopped by the
+    budget at rung 1. The sweep ends done with rung 0's best, and the leaderboard keeps each trial's
+    best completed rung, its eval loss and adapter, beside the rung it last reached."""
+    from infra.config import load_config
+    from infra.storage import open_store
+    from jobs.spec import load_job_file
+    from orchestrator.daemon import Daemon
+    from orchestrator.queue import sweep_summary
+    from orchestrator.states import JobState
+    from orchestrator.store import Store
+
+    home = tmp_path / "home"
+    home.mkdir()
+    cfg = load_config(home)
+    base = load_job_file(EXAMPLES / "qlora-tiny.yaml").to_payload_dict()
+    base["checkpoint"]["store"] = cfg.default_store
+    plan = {"sweep": {"strategy": "halving", "halving": {"eta": 2}}, "base": base,
+            "trials": [{"lora_r": 4}, {"lora_r": 8}], "rungs": [20, 40]}
+    ckpt = open_store(cfg.default_store)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"x" * 10)
+
+    def finish(store, job_id, eval_loss):
+        ref = ckpt.commit_final(job_id, adapter, {"step": 20, "eval_loss": eval_loss})
+        store.transition_job(job_id, JobState.RUNNING, kind="running", message="test")
+        store.transition_job(job_id, JobState.SUCCEEDED, kind="succeeded", message="test", adapter_uri=ref.uri,
+                             step=20, data={"eval_loss": eval_loss})
+
+    with Store(cfg.db_path) as store:
+        sweep_id = store.create_sweep("s", plan, 1.0)
+        jobs = [store.add_trial(sweep_id, trial=i, rung=0, params=p, spec=base, name=f"s/t{i}/r0")
+                for i, p in enumerate(plan["trials"])]
+        finish(store, jobs[0], 1.0)
+        finish(store, jobs[1], 2.0)
+        daemon = Daemon(store, cfg, {})
+        daemon._advance_sweeps()  # rung 0 done: trial 0 promoted
+        promoted = [t for t in store.trials(sweep_id) if t["rung"] == 1]
+        assert [t["trial"] for t in promoted] == [0]
+        store.transition_job(promoted[0]["job_id"], JobState.RUNNING, kind="running", message="test")
+        store.transition_job(promoted[0]["job_id"], JobState.STOPPED_BUDGET, kind="stopped_budget",
+                             message="the sweep's budget is spent")
+        daemon._advance_sweeps()
+        s = sweep_summary(store, sweep_id)
+    assert s["state"] == "done" and s["best_job_id"] == jobs[0], s
+    assert "no trial finished the last rung" in s["reason"] and "from rung 0" in s["reason"]
+    assert s["best_adapter_uri"] and s["best_adapter_uri"].rstrip("/").endswith(f"{jobs[0]}/final")
+    top, second = s["trials"]
+    assert (top["trial"], top["rung"], top["eval_loss"], top["job_id"]) == (0, 0, 1.0, jobs[0])
+    assert (top["reached_rung"], top["state"]) == (1, "stopped_budget")  # promoted, then stopped
+    assert (second["trial"], second["rung"], second["eval_loss"]) == (1, 0, 2.0)
+    proc_home = home
+    text = tf(proc_home, "sweep", "status", sweep_id, check=True).stdout
+    assert "BEST RUNG" in text and "from rung 0" in text
