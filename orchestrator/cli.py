@@ -32,7 +32,7 @@ from orchestrator.cli_base import (
     err,
 )
 from orchestrator.budget import usd
-from orchestrator.queue import job_summary, submit_spec
+from orchestrator.queue import job_summary, submit_spec, with_eval
 from orchestrator.states import JobState
 
 MAX_PRIORITY = 1_000_000  # jobs.spec.MAX_PRIORITY (not imported here: the CLI starts without pydantic models)
@@ -139,10 +139,10 @@ def status(
             return
         job_id = _job_id(store, job)
         if json_out:
-            _emit_json(job_summary(store, store.get_job(job_id)))
+            _emit_json(with_eval(store, job_summary(store, store.get_job(job_id))))
             return
         if not watch:
-            summary = job_summary(store, store.get_job(job_id))
+            summary = with_eval(store, job_summary(store, store.get_job(job_id)))
             console.print(_status_table([summary]), crop=False)
             _print_detail(summary)
             return
@@ -175,6 +175,8 @@ def _print_detail(s: dict[str, Any]) -> None:
         console.print(f"checkpoint: step {s['checkpoint_step']} at {s['checkpoint']}")
     if s["adapter_uri"]:
         console.print(f"adapter:    {s['adapter_uri']}")
+    if s.get("eval_loss") is not None:
+        console.print(f"eval:       loss {s['eval_loss']:.4f}, perplexity {s['perplexity']:.2f}")
     if s["reason"] and s["state"] != "succeeded":
         console.print(f"reason:     {s['reason']}")
     if s.get("wait_until"):

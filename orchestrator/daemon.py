@@ -42,6 +42,7 @@ from orchestrator.decide import Code
 from orchestrator.ending import EndingMixin
 from orchestrator.health import Health
 from orchestrator.learning import MarketModel
+from orchestrator.queue import final_eval_loss
 from orchestrator.placing import SETTLE_S, PlacingMixin
 from orchestrator.reconcile import ReconcileMixin
 from orchestrator.remote import RemoteMixin
@@ -283,13 +284,7 @@ class Daemon(WatchMixin, EndingMixin, PlacingMixin, RemoteMixin, ReconcileMixin)
 
     # ---- sweeps: successive halving moves a sweep to its next rung when a rung is done ----
     def _eval_loss(self, job_id: str) -> float | None:
-        """The final eval loss, from the job's "succeeded" event (the store holds the same in the
-        adapter's manifest; the event saves a round trip to object storage)."""
-        for e in reversed(self.store.events(job_id)):
-            if e.kind == "succeeded":
-                loss = e.data.get("eval_loss")
-                return float(loss) if isinstance(loss, (int, float)) else None
-        return None
+        return final_eval_loss(self.store, job_id)
 
     def _end_early(self, sweep_id: str, trials: list[dict[str, Any]], rung: int, why: str) -> None:
         """A rung no trial finished (its budget ran out, or every trial failed): the sweep ends with

@@ -86,6 +86,25 @@ def submit_sweep(store, path, config: Config) -> str:
     return sweep_id
 
 
+def final_eval_loss(store, job_id: str) -> float | None:
+    """A succeeded job's final eval loss, from its "succeeded" event (the adapter's manifest holds
+    the same; the event saves a round trip to object storage). None without one."""
+    for e in reversed(store.events(job_id)):
+        if e.kind == "succeeded":
+            loss = e.data.get("eval_loss")
+            return float(loss) if isinstance(loss, (int, float)) else None
+    return None
+
+
+def with_eval(store, summary: dict[str, Any]) -> dict[str, Any]:
+    """One job's summary with its final eval loss and perplexity (exp of it), for ``status JOB``."""
+    import math
+
+    loss = final_eval_loss(store, summary["id"]) if summary["state"] == "succeeded" else None
+    return {**summary, "eval_loss": loss,
+            "perplexity": math.exp(loss) if loss is not None and loss < 700 else None}
+
+
 def sweep_summary(store, sweep_id: str) -> dict[str, Any]:
     """The leaderboard of a sweep: one row per trial, at its best *completed* rung (the furthest
     one it finished; a trial promoted and then stopped keeps the eval loss and adapter it had), with

@@ -136,3 +136,18 @@ def test_export_of_the_adapter_to_s3_writes_every_file_once_and_never_over_objec
         assert json.loads(body["Body"].read()) == {"r": 8, "base_model_name_or_path": "tunefleet/tiny-llama"}
         again = tf(home, "export", job_id, dest)
         assert again.returncode == 2 and "never overwrites" in again.stderr
+
+
+def test_status_of_a_succeeded_job_shows_its_eval_loss_and_perplexity(world):
+    import math
+
+    home, _, ckpt, job_id, final = world
+    ref = ckpt.commit_final(job_id, final, {"step": 20, "eval_loss": 0.5})
+    with Store(home / "state.db") as store:
+        assert json.loads(tf(home, "status", job_id, "--json", check=True).stdout)["eval_loss"] is None  # queued
+        store.transition_job(job_id, JobState.RUNNING, kind="running", message="test")
+        store.transition_job(job_id, JobState.SUCCEEDED, kind="succeeded", message="test", adapter_uri=ref.uri,
+                             step=20, data={"eval_loss": 0.5})
+    s = json.loads(tf(home, "status", job_id, "--json", check=True).stdout)
+    assert s["eval_loss"] == 0.5 and s["perplexity"] == pytest.approx(math.exp(0.5))
+    assert "perplexity 1.65" in tf(home, "status", job_id, check=True).stdout
