@@ -1,5 +1,5 @@
-"""``tunefleet pull`` and ``export``: a finished job's adapter (or a checkpoint) on this machine,
-verified, or exported as a model a server loads.
+"""After ``succeeded``: ``tunefleet pull`` (the adapter or a checkpoint on this machine, verified),
+``export`` (as a model a server loads) and ``eval`` (eval loss, perplexity and a few completions).
 
 Why a command: after ``succeeded`` the adapter sits at a URI in the checkpoint store, and getting
 it out by hand means knowing the store's layout and trusting a copy nobody checked. ``pull`` reads
