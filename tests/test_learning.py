@@ -246,3 +246,29 @@ def test_providers_shows_advertised_vs_learned_with_the_evidence(offline_home):
     assert rows["local"]["learned"] == []
     text = tf(home, "providers", check=True).stdout
     assert "advertised vs learned" in text and "77" in text
+
+
+def test_offers_all_shows_the_learned_hazard_beside_the_advertised_one(offline_home, tmp_path, monkeypatch):
+    from providers.vast import SNAPSHOT_PATH
+    from tests.test_cli import EXAMPLE
+
+    job = tmp_path / "open.yaml"
+    text = EXAMPLE.read_text().replace("data: restricted", "data: open")
+    text = text.replace("checkpoint:\n", "checkpoint:\n  store: s3://team-ckpt/tunefleet\n")
+    job.write_text(text.replace("path: data/", f"path: {EXAMPLE.parent}/data/"))
+    before = json.loads(tf(offline_home, "offers", str(job), "--json", "--all", check=True).stdout)["offers"]
+    spot = next(r for r in before if r["provider"] == "vast" and r["interruptible"] and r["viable"])
+    assert spot["hazard_observations"] == 0 and spot["hazard_advertised"] == spot["hazard_per_hour"]
+    listing = json.loads(SNAPSHOT_PATH.read_text())["offers"]  # the offer's machine, as Vast lists it
+    machine = str(next(o["machine_id"] for o in listing if f"{o['id']}:bid" == spot["offer_id"]))
+    with Store(offline_home / "state.db") as store:  # that machine was reclaimed three times in three hours
+        for i in range(3):
+            store.record_exposure(attempt_id=f"a{i}", provider="vast", gpu=spot["gpu"], gpu_count=spot["gpu_count"],
+                                  host=machine, offer_id=spot["offer_id"], interruptible=True,
+                                  advertised=spot["hazard_per_hour"], hours=1.0, interrupted=True)
+    after = json.loads(tf(offline_home, "offers", str(job), "--json", "--all", check=True).stdout)["offers"]
+    row = next(r for r in after if r["offer_id"] == spot["offer_id"])
+    assert row["hazard_observations"] == 3 and row["hazard_advertised"] == pytest.approx(spot["hazard_per_hour"])
+    assert row["hazard_per_hour"] > 2 * spot["hazard_per_hour"]
+    monkeypatch.setenv("COLUMNS", "400")  # the table as a wide terminal shows it
+    assert "3 obs" in tf(offline_home, "offers", str(job), "--all", check=True).stdout
