@@ -92,7 +92,7 @@ def _learned_rows(store, hosts: int = 5) -> list[dict[str, Any]]:
         for p, g, host, h in model.hosts():
             if (p, g) != (provider, gpu) or not h.hours:
                 continue
-            f = (model.host_prior * factor + h.interruptions) / (model.host_prior + h.expected)
+            f = model.host_factor(h, factor)
             a = h.expected / h.hours
             mine.append({"provider": p, "gpu": g, "host": host, "attempts": h.attempts, "hours": round(h.hours, 3),
                          "interruptions": h.interruptions, "advertised_per_hour": round(a, 5),

@@ -162,8 +162,12 @@ class MarketModel:
         h = self.tallies.get((offer.provider, offer.gpu, host)) if host else None
         if h is None or not h.attempts:
             return Learned(adv, adv * fg, fg, group.attempts, group.interruptions, group.hours, "group")
-        f = (self.host_prior * fg + h.interruptions) / (self.host_prior + h.expected)
+        f = self.host_factor(h, fg)
         return Learned(adv, adv * f, f, h.attempts, h.interruptions, h.hours, "host")
+
+    def host_factor(self, h: Tally, group_factor: float) -> float:
+        """A host's posterior factor: its own record around its group's factor."""
+        return (self.host_prior * group_factor + h.interruptions) / (self.host_prior + h.expected)
 
     def apply(self, offers: Iterable[Offer]) -> list[Offer]:
         """The offers with their learned hazard and launch failure rate; the advertised hazard stays

@@ -57,6 +57,7 @@ from enum import StrEnum
 from typing import Any
 
 from orchestrator.budget import usd
+from orchestrator.learning import host_of
 from providers.base import Offer, PriceSource
 
 RESTART_OVERHEAD_H = 2 / 60  # reload model + download checkpoint, on top of the offer's start-up
@@ -388,7 +389,7 @@ def _place(offer, estimate, hours, now, left, ckpt_frac, deadline, max_usd, spen
     else:
         wall_h, risk = expected_wall_hours(work_h, 0.0, ceiling_h, 0.0, write_h), 0.0
     est_h = startup_h + wall_h
-    fail = _extra(offer, "launch_fail_p", 0.0) if offer.extra else 0.0  # learned (orchestrator.learning)
+    fail = offer.detail("launch_fail_p", 0.0) if offer.extra else 0.0  # learned (orchestrator.learning)
     if fail > 0:  # expected failed launches before one runs, each a billed start-up
         est_h += startup_h * fail / (1.0 - fail)
     est_usd = offer.usd_per_hour * est_h if offer.usd_total is None else offer.usd_total * left
@@ -408,17 +409,8 @@ def _place(offer, estimate, hours, now, left, ckpt_frac, deadline, max_usd, spen
                      interval_h=interval_h)
 
 
-def _extra(offer: Offer, key: str, default: Any = None) -> Any:
-    """``offer.detail(key)`` without building a dict (``rank`` asks for every offer)."""
-    for k, v in offer.extra:
-        if k == key:
-            return v
-    return default
-
-
 def _host(offer: Offer) -> str:
-    host = _extra(offer, "host") or _extra(offer, "machine_id")
-    return f"{offer.provider}/{host}" if host is not None else f"{offer.provider}/{offer.offer_id}"
+    return f"{offer.provider}/{host_of(offer) or offer.offer_id}"
 
 
 def _price_replacement(viable: list[Placement]) -> None:

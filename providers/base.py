@@ -64,7 +64,12 @@ class Offer:
     extra: tuple[tuple[str, Any], ...] = ()  # provider detail (inet speed, datacenter, ...)
 
     def detail(self, key: str, default: Any = None) -> Any:
-        return dict(self.extra).get(key, default)
+        """One ``extra`` value (the last given for ``key``), without building a dict: rank asks for
+        every offer."""
+        for k, v in reversed(self.extra):
+            if k == key:
+                return v
+        return default
 
     @property
     def placeholder(self) -> bool:
