@@ -1,8 +1,9 @@
 """``tunefleet report``: one self-contained HTML file with the pictures people want to look at.
 
-Loss curves per trial (every sweep) and per job, spend over time against the budgets, and how busy
-the team's own machines were. Inline SVG, no JavaScript and no third-party assets: the file can be
-mailed or attached to a ticket and opens anywhere.
+Loss curves per trial (every sweep) and per job (training loss, and eval loss where the job held
+data out), each recent job's final eval loss and perplexity, spend over time against the budgets,
+and how busy the team's own machines were. Inline SVG, no JavaScript and no third-party assets:
+the file can be mailed or attached to a ticket and opens anywhere.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from infra.storage import StorageError, open_store
 from orchestrator.budget import month_start
+from orchestrator.queue import job_summary, with_eval
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf"]
@@ -25,8 +27,10 @@ def _scale(lo: float, hi: float, a: float, b: float):
 
 
 def line_chart(title: str, series: list[tuple[str, list[tuple[float, float]]]], *, xlabel: str, ylabel: str,
-               hlines: list[tuple[str, float]] = (), step: bool = False, markers: bool = True) -> str:
-    """An SVG line chart; ``step`` draws a staircase (cumulative spend)."""
+               hlines: list[tuple[str, float]] = (), step: bool = False, markers: bool = True,
+               dashed: frozenset[str] = frozenset()) -> str:
+    """An SVG line chart; ``step`` draws a staircase (cumulative spend); series whose label is in
+    ``dashed`` are drawn dashed (eval loss beside training loss)."""
     points = [p for _, pts in series for p in pts]
     if not points:
         return f"<h3>{html.escape(title)}</h3><p class=empty>no data yet</p>"
@@ -63,7 +67,8 @@ def line_chart(title: str, series: list[tuple[str, list[tuple[float, float]]]], 
                 prev = y
             pts = path
         coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-        out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{coords}"/>')
+        dash = ' stroke-dasharray="6,3"' if label in dashed else ""
+        out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.6"{dash} points="{coords}"/>')
         if markers and not step and len(pts) <= 60:  # few points (eval losses): mark them, a lone one included
             out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"/>' for x, y in pts]
         legend.append(f'<span style="color:{color}">&#9632;</span> {html.escape(label)}')
@@ -94,12 +99,17 @@ def build_report(store, config, now: float | None = None) -> str:
         sections.append(line_chart(f"Sweep {sweep['name']} ({sweep_id}): eval loss per trial", series,
                                    xlabel="step", ylabel="eval loss"))
     jobs = [j for j in store.list_jobs(limit=200) if not j.sweep_id][:10]
-    series = []
+    series, evals = [], set()
     for job in jobs:
         meta = _final_meta(job)
         if meta.get("history"):
             series.append((f"{job.id} {job.name}", [(float(s), float(v)) for s, v in meta["history"]]))
-    sections.append(line_chart("Training loss per job (latest 10)", series, xlabel="step", ylabel="loss"))
+        if meta.get("eval_history"):
+            evals.add(f"{job.id} {job.name} eval")
+            series.append((f"{job.id} {job.name} eval", [(float(s), float(v)) for s, v in meta["eval_history"]]))
+    sections.append(line_chart("Loss per job (latest 10; eval loss dashed)", series, xlabel="step", ylabel="loss",
+                               dashed=frozenset(evals)))
+    sections.append(_jobs_table(store, jobs))
     # 2. spend over time against the budgets
     rows = store.spend_rows()
     total, pts = 0.0, []
@@ -135,8 +145,27 @@ def build_report(store, config, now: float | None = None) -> str:
         "<!doctype html><html><head><meta charset=utf-8><title>tunefleet report</title><style>"
         "body{font-family:system-ui,sans-serif;max-width:720px;margin:2em auto;color:#222}"
         "h3{margin-top:2em}.legend{font-size:12px;margin:4px 0 0 48px}.empty{color:#888}"
+        "table{border-collapse:collapse;font-size:13px}td,th{padding:2px 10px;text-align:left}"
+        "td:nth-child(n+4){text-align:right}"
         "</style></head><body><h1>tunefleet report</h1>" + head + "".join(sections) + "</body></html>"
     )
+
+
+def _jobs_table(store, jobs) -> str:
+    """The latest jobs, one row each: state, step, and a succeeded job's final eval loss and
+    perplexity (``with_eval``: the reader ``status JOB`` uses); a dash where the job had no eval."""
+    if not jobs:
+        return "<h3>Jobs (latest 10)</h3><p class=empty>no jobs yet</p>"
+    rows = []
+    for job in jobs:
+        s = with_eval(store, job_summary(store, job))
+        loss = f"{s['eval_loss']:.4f}" if s["eval_loss"] is not None else "&ndash;"
+        ppl = f"{s['perplexity']:.2f}" if s["perplexity"] is not None else "&ndash;"
+        steps = f"{s['step']}/{s['total_steps']}" if s["total_steps"] else str(s["step"])
+        rows.append(f"<tr><td>{html.escape(s['id'])}</td><td>{html.escape(str(s['name'] or ''))}</td>"
+                    f"<td>{html.escape(s['state'])}</td><td>{steps}</td><td>{loss}</td><td>{ppl}</td></tr>")
+    return ("<h3>Jobs (latest 10)</h3><table><tr><th>job</th><th>name</th><th>state</th><th>step</th>"
+            "<th>final eval loss</th><th>perplexity</th></tr>" + "".join(rows) + "</table>")
 
 
 def _params(store, sweep_id: str, trial: int) -> str:
