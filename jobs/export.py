@@ -38,16 +38,47 @@ def base_source(base_model: str) -> str:
     return str(tiny_model_dir()) if base_model == TINY_MODEL_ID else base_model
 
 
+def trained_base(spec: dict[str, Any], store) -> str:
+    """Where to read the base weights a job (its queued ``spec``) trained on, for a merge or an eval.
+
+    A local model folder was staged to the job's store at submit, content-addressed
+    (``jobs.inputs``), and the payload trained on that copy. So: the user's folder when it still
+    holds exactly those files (nothing to download), else the verified staged copy from ``store``.
+    Reading the folder by its name alone would fail once it is deleted (which submit allows) and,
+    worse, would silently merge the adapter into other weights once it is overwritten. A Hub id or
+    the tiny model: :func:`base_source`. Raises ExportError when neither copy can be had."""
+    from jobs.inputs import InputError, listing, materialize
+
+    base = spec["base_model"]
+    staged = (spec.get("inputs") or {}).get(base)
+    if not staged:
+        return base_source(base)
+    try:
+        if Path(base).is_dir() and listing(Path(base))[0] == staged["sha256"]:
+            return base
+    except (OSError, InputError):
+        pass  # unreadable here: the staged copy it is
+    try:
+        return materialize({"base_model": base, "inputs": {base: staged}}, store)["base_model"]
+    except InputError as exc:
+        raise ExportError(f"the base model the job trained on ({base}, staged at submit) cannot be read: {exc}; "
+                          "export without --merge for the adapter alone") from None
+
+
 def _torch_dtype(name: str):
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def export(adapter_dir: Path, out_dir: Path, *, base_model: str, merge: bool, dtype: str = "bf16") -> dict[str, Any]:
+def export(adapter_dir: Path, out_dir: Path, *, base_model: str, merge: bool, dtype: str = "bf16",
+           source: str | None = None) -> dict[str, Any]:
     """Write the export of ``adapter_dir`` (a verified final folder) into ``out_dir`` (must not exist).
 
-    Returns what was written: ``kind`` (adapter | merged | model), ``files``, ``dtype``."""
+    ``base_model`` is the base as the job names it (what the adapter's config says it goes on);
+    ``source`` where its weights are read for a merge (default :func:`base_source`; the CLI passes
+    :func:`trained_base`). Returns what was written: ``kind`` (adapter | merged | model), ``files``,
+    ``dtype``."""
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
@@ -69,7 +100,7 @@ def export(adapter_dir: Path, out_dir: Path, *, base_model: str, merge: bool, dt
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = base_source(base_model)
+    source = source or base_source(base_model)
     try:
         base = AutoModelForCausalLM.from_pretrained(source, dtype=_torch_dtype("fp32"))
     except OSError as exc:
@@ -86,19 +117,21 @@ def export(adapter_dir: Path, out_dir: Path, *, base_model: str, merge: bool, dt
     return {"kind": "merged", "files": _files(out_dir), "dtype": dtype}
 
 
-def load_trained(adapter_dir: Path, base_model: str):
-    """(model, tokenizer) as training left them: base + adapter (full precision), or the full model."""
+def load_trained(adapter_dir: Path, base_model: str, source: str | None = None):
+    """(model, tokenizer) as training left them: base + adapter (full precision), or the full model.
+    ``source``: where the base weights are read (as in :func:`export`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapter_dir = Path(adapter_dir)
-    tok_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base_source(base_model))
+    source = source or base_source(base_model)
+    tok_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(source)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
     if (adapter_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
         try:
-            base = AutoModelForCausalLM.from_pretrained(base_source(base_model), dtype=torch.float32)
+            base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         except OSError as exc:
             raise ExportError(f"cannot load the base model {base_model!r} ({exc}); make it readable here") from None
         model = PeftModel.from_pretrained(base, str(adapter_dir))

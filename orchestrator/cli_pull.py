@@ -149,14 +149,17 @@ def export(
         _free(target)
     row, ckpt, ref = _find(job, None)
     from jobs.export import export as do_export
+    from jobs.export import trained_base
 
     try:
         with _staging(target) as staging:
             with _status(f"pulling the final adapter from {ref.uri}", json_out):
                 ckpt.download(ref, staging / "adapter")
             with _status("merging into the base model" if merge else "writing the adapter", json_out):
+                adapter = (staging / "adapter" / "adapter_config.json").is_file()  # else a full fine-tune's model
+                source = trained_base(row.spec, ckpt) if merge and adapter else None
                 done = do_export(staging / "adapter", staging / "out", base_model=row.spec["base_model"],
-                                 merge=merge, dtype=dtype)
+                                 merge=merge, dtype=dtype, source=source)
             if remote:
                 with _status(f"uploading {len(done['files'])} files to {dest}", json_out):
                     for rel in done["files"]:
@@ -194,7 +197,7 @@ def eval_(
     import math
 
     from infra.storage import CorruptCheckpoint, StorageError
-    from jobs.export import ExportError, complete, load_trained, read_prompts
+    from jobs.export import ExportError, complete, load_trained, read_prompts, trained_base
 
     try:
         texts = read_prompts(prompts)
@@ -207,7 +210,9 @@ def eval_(
             with _status(f"pulling the final adapter from {ref.uri}", json_out):
                 ckpt.download(ref, Path(tmp) / "adapter")
             with _status(f"generating {len(texts)} completions", json_out):
-                model, tokenizer = load_trained(Path(tmp) / "adapter", row.spec["base_model"])
+                adapter = (Path(tmp) / "adapter" / "adapter_config.json").is_file()  # else a full fine-tune's model
+                model, tokenizer = load_trained(Path(tmp) / "adapter", row.spec["base_model"],
+                                                trained_base(row.spec, ckpt) if adapter else None)
                 kind = str(((row.spec.get("datasets") or [{}])[0]).get("type") or "completion")
                 outs = complete(model, tokenizer, texts, max_new_tokens, kind)
     except ExportError as exc:
