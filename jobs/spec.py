@@ -260,6 +260,25 @@ def _rule_violations(get: Callable[[str], Any]) -> list[tuple[str, str]]:
             )
         )
 
+    strategy = get("strategy")
+    gpus = get("resources.gpus")
+    if strategy in ("ddp", "fsdp") and isinstance(gpus, int) and gpus < 2:
+        out.append(
+            (
+                "strategy",
+                f"{strategy} runs one process per GPU and resources.gpus is {gpus}: ask for 2 or more "
+                "GPUs, or leave strategy out (auto)",
+            )
+        )
+    if strategy == "fsdp" and (q4 is True or q8 is True):
+        out.append(
+            (
+                "strategy",
+                "fsdp with a quantized base (load_in_4bit/load_in_8bit) is not supported: use "
+                "strategy: ddp (each GPU holds the small 4-bit base) or leave strategy out",
+            )
+        )
+
     save_steps = get("save_steps")
     interval = get("checkpoint.interval")
     if isinstance(save_steps, int) and isinstance(interval, int) and save_steps != interval:
@@ -405,6 +424,9 @@ class Checkpoint(BaseModel):
         return value
 
 
+_SECTIONS: dict[str, type[BaseModel]] = {"resources": Resources, "checkpoint": Checkpoint, "policy": Policy}
+
+
 class JobSpec(BaseModel):
     """A validated fine-tuning job. Build it with :func:`load_job_file`, not by hand."""
 
@@ -459,6 +481,12 @@ class JobSpec(BaseModel):
     logging_steps: int = Field(1, gt=0, le=MAX_STEPS)
     bf16: Bf16 = "auto"
     gradient_checkpointing: bool = False
+    #: How a job on several GPUs uses them (one process per GPU, one machine): ``ddp`` replicates
+    #: the model and splits each batch (LoRA/QLoRA: the base is small next to the GPU); ``fsdp``
+    #: shards weights, gradients and optimizer state (a full fine-tune too big for one GPU);
+    #: ``single`` trains in one process on one device; ``auto`` is ``ddp`` for an adapter and
+    #: ``fsdp`` for a full fine-tune when ``resources.gpus > 1``, else ``single``.
+    strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto"
     priority: int = Field(0, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
 
     resources: Resources = Field(default_factory=Resources)
@@ -486,14 +514,36 @@ class JobSpec(BaseModel):
     @model_validator(mode="after")
     def _cross_field_rules(self) -> JobSpec:
         def get(key: str) -> Any:
-            if key == "checkpoint.interval":
-                return self.checkpoint.interval
+            if "." in key:
+                section, name = key.split(".", 1)
+                return getattr(getattr(self, section), name)
             return getattr(self, key)
 
         violations = _rule_violations(get)
         if violations:
             raise _invalid(_RULE_ERROR, "; ".join(f"{loc}: {msg}" for loc, msg in violations))
         return self
+
+    @property
+    def world_size(self) -> int:
+        """Processes the job is planned for: one per GPU it asks for, unless ``strategy: single``."""
+        return 1 if self.strategy == "single" else max(1, self.resources.gpus)
+
+    @property
+    def global_batch(self) -> int:
+        """Examples per optimizer step, whatever the attempt's process count: micro batch x
+        accumulation x the planned processes (``world_size``). An attempt on fewer or more
+        processes changes its accumulation to keep this (``jobs.gang.plan``)."""
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
+
+    @property
+    def distributed_strategy(self) -> str:
+        """``strategy`` with ``auto`` resolved for ``world_size`` processes: single, ddp or fsdp."""
+        if self.strategy != "auto":
+            return self.strategy
+        if self.world_size == 1:
+            return "single"
+        return "ddp" if self.adapter else "fsdp"
 
     @property
     def save_every(self) -> int:
@@ -982,8 +1032,9 @@ def _field_adapter(dotted: str) -> Any:
 
     model: type[BaseModel] = JobSpec
     name = dotted
-    if dotted == "checkpoint.interval":
-        model, name = Checkpoint, "interval"
+    if "." in dotted:
+        section, name = dotted.split(".", 1)
+        model = _SECTIONS[section]
     info = model.model_fields[name]
     if not info.metadata:
         return TypeAdapter(info.annotation)
@@ -996,11 +1047,12 @@ def _raw_getter(data: Mapping[Any, Any]) -> Callable[[str], Any]:
     def get(dotted: str) -> Any:
         container: Any = data
         name = dotted
-        if dotted == "checkpoint.interval":
-            container, name = data.get("checkpoint", {}), "interval"
+        if "." in dotted:
+            section, name = dotted.split(".", 1)
+            container = data.get(section, {})
             if not isinstance(container, Mapping):
                 return _UNKNOWN
-            default: Any = Checkpoint.model_fields["interval"].default
+            default: Any = _SECTIONS[section].model_fields[name].default
         else:
             default = JobSpec.model_fields[dotted].default
         if name not in container:

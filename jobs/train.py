@@ -17,6 +17,10 @@ Contract with the orchestrator:
   goes; store outages are ridden out off the training thread (``jobs.channel``). ``checkpoint_s``
   there is the median seconds one checkpoint of this attempt took to save and commit (``None``
   before the first): the cost the orchestrator weighs against the interruption hazard.
+- A job on several GPUs (``resources.gpus > 1``; ``jobs.gang``) runs as one process per GPU,
+  started by this same command: DDP for adapters, FSDP for a full fine-tune, the spec's global
+  batch kept whatever the process count. Rank 0 alone talks to the store; every rank stops and
+  saves at the same step.
 - Exit codes (``jobs.exits``): 0 done (final adapter committed), 75 preempted, 76 stopped as told
   (both resumable), 2 bad input, 3 this machine cannot run it, 69 the store stayed unreachable,
   1 failure.
@@ -51,6 +55,8 @@ from jobs.channel import (
     find_resume_point,
     retry_store,
 )
+from jobs.gang import PlanError, Rank, enable_cpu_fsdp
+from jobs.gang import plan as plan_gang
 from jobs.exits import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -89,6 +95,28 @@ class _Preemption:
 PREEMPTION = _Preemption()
 
 
+class _Silent:
+    """What a rank other than 0 has instead of a :class:`Beacon`: rank 0 alone talks to the store,
+    and the gang learns of a stop through :meth:`jobs.gang.Rank.agree`."""
+
+    fenced = None
+
+    def start(self):
+        return self
+
+    def update(self, force: bool = False, **fields: Any) -> None:
+        pass
+
+    def should_stop(self) -> None:
+        return None
+
+    def fence(self, why: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _arg(parser_value: str | None, env: str) -> str | None:
     return parser_value if parser_value is not None else os.environ.get(env)
 
@@ -100,12 +128,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--job-id", help="env TUNEFLEET_JOB_ID")
     p.add_argument("--attempt-id", help="env TUNEFLEET_ATTEMPT_ID")
     p.add_argument("--work-dir", help="local scratch folder (default: a temp folder)")
+    p.add_argument("--processes", type=int,
+                   help="train in this many processes (default: one per GPU the job asks for and this machine "
+                        "shows; env TUNEFLEET_PROCESSES)")
     ns = p.parse_args(argv)
     ns.spec = _arg(ns.spec, "TUNEFLEET_SPEC")
     ns.store = _arg(ns.store, "TUNEFLEET_STORE")
     ns.job_id = _arg(ns.job_id, "TUNEFLEET_JOB_ID")
     ns.attempt_id = _arg(ns.attempt_id, "TUNEFLEET_ATTEMPT_ID") or "manual"
     ns.work_dir = _arg(ns.work_dir, "TUNEFLEET_WORK_DIR")
+    if ns.processes is None and os.environ.get("TUNEFLEET_PROCESSES"):
+        ns.processes = int(os.environ["TUNEFLEET_PROCESSES"])
     return ns
 
 
@@ -151,7 +184,7 @@ def resolve_device(spec) -> str:
     return "cpu"
 
 
-def load_model_and_tokenizer(spec, device: str):
+def load_model_and_tokenizer(spec, device: str, device_index: int = 0):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
 
@@ -174,7 +207,7 @@ def load_model_and_tokenizer(spec, device: str):
     elif spec.load_in_8bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if device == "cuda" and "quantization_config" in kwargs:
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": device_index}
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     # LoRA's A matrices are drawn from the global RNG: seed it, or every attempt starts elsewhere.
     set_seed(spec.seed)
@@ -234,14 +267,20 @@ class TimedUploader(Uploader):
         self.progress.update(force=True, checkpoint_s=round(statistics.median(self.checkpoint_s), 4))
 
 
-def _make_callback(uploader: TimedUploader, attempt_id: str, progress: Beacon, tokens_per_step: float,
-                   interval_s: float | None = None, clock=time.monotonic):
+def _make_callback(uploader: TimedUploader | None, attempt_id: str, progress: Beacon, tokens_per_step: float,
+                   interval_s: float | None = None, clock=time.monotonic, rank: Rank | None = None):
     from transformers import TrainerCallback
+
+    gang = rank or Rank()
 
     class StoreCallback(TrainerCallback):
         """Commits each checkpoint the Trainer writes, reports progress, obeys SIGTERM and the
         daemon's control object (both: save at this step, then leave), and asks for a save once
-        ``interval_s`` seconds of training passed since the last one (``clock``: monotonic)."""
+        ``interval_s`` seconds of training passed since the last one (``clock``: monotonic).
+
+        In a gang every rank runs it: the stop and save decisions are agreed (``Rank.agree``) at
+        each step end, so all ranks leave the loop, and save, at the same step; rank 0 alone
+        reports and uploads (``uploader`` is None elsewhere), after every rank wrote its share."""
 
         def __init__(self) -> None:
             self.t0 = time.time()
@@ -250,6 +289,18 @@ def _make_callback(uploader: TimedUploader, attempt_id: str, progress: Beacon, t
             self.eval_loss: float | None = None
             self.last_save = clock()  # when the last save ended, or training began in this attempt
             self.busy_until = clock()  # when the Trainer's last work before a save (step, log, eval) ended
+            self.preempted = False  # the gang agreed to stop because a rank got SIGTERM
+            self.stopped = False  # ... because the store said stop (rank 0 read it)
+            self.fenced = False  # ... because another attempt holds the job
+
+        def _decide(self, save_by_time: bool) -> tuple[bool, bool]:
+            """(stop, save) for this step end, the same on every rank."""
+            preempt, stop, fenced, save = gang.agree(PREEMPTION.requested, progress.should_stop() is not None,
+                                                     progress.fenced is not None, save_by_time)
+            self.preempted, self.stopped, self.fenced = preempt, stop and not preempt, fenced
+            if preempt or stop:
+                return True, not fenced  # a fenced attempt saves nothing
+            return False, save and not fenced
 
         def on_train_begin(self, args, state, control, **kw):
             self.start_step = state.global_step
@@ -258,7 +309,7 @@ def _make_callback(uploader: TimedUploader, attempt_id: str, progress: Beacon, t
             PREEMPTION.training = True
             progress.update(force=True, state="running", step=state.global_step, total_steps=state.max_steps,
                             checkpoint_s=None)
-            if PREEMPTION.requested or progress.should_stop():
+            if self._decide(False)[0]:
                 control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -282,16 +333,22 @@ def _make_callback(uploader: TimedUploader, attempt_id: str, progress: Beacon, t
                 epoch=state.epoch,
                 tokens_per_s=round(done * tokens_per_step / elapsed, 1),
             )
-            if interval_s is not None and progress.fenced is None and clock() - self.last_save >= interval_s:
-                control.should_save = True  # time-based; the step interval (set by the Trainer) still holds
-            if PREEMPTION.requested or progress.should_stop():
-                control.should_save = progress.fenced is None  # a fenced attempt saves nothing
+            # time-based (rank 0's clock); the step interval (set by the Trainer) still holds
+            by_time = gang.main and interval_s is not None and clock() - self.last_save >= interval_s
+            stop, save = self._decide(by_time)
+            if save:
+                control.should_save = True
+            if stop:
+                control.should_save = save
                 control.should_training_stop = True
             self.busy_until = clock()
 
         def on_save(self, args, state, control, **kw):
             # the Trainer saved between the end of its last step/log/eval and now
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            gang.barrier()  # every rank's share (RNG state, shards) is in the folder
+            if uploader is None:
+                return
             uploader.submit(state.global_step, folder,
                             {"attempt_id": attempt_id, "loss": self.loss, "eval_loss": self.eval_loss},
                             save_s=clock() - self.busy_until)
@@ -313,17 +370,29 @@ def train(ns: argparse.Namespace) -> int:
 
         session = refreshable_session(ns.store, job_id, ns.attempt_id)
     store = open_store(ns.store, session=session)
-    progress = Beacon(store, job_id, ns.attempt_id).start()
+    rank = Rank()
+    progress = Beacon(store, job_id, ns.attempt_id).start() if rank.main else _Silent()
     progress.update(force=True, state="starting")
     try:
+        from jobs.spec import JobSpec
+
+        rank.init(resolve_device(JobSpec.from_payload_dict(raw)))
+        if not rank.main:
+            rank.barrier()  # rank 0 fetches the inputs into the cache first; the others then verify them there
         spec = _materialize(raw, store)
-        return _train(ns, spec, store, job_id, progress, base_model=raw["base_model"])
+        if rank.main:
+            rank.barrier()
+        return _train(ns, spec, store, job_id, progress, base_model=raw["base_model"], rank=rank)
     finally:
         progress.close()
+        rank.close()
 
 
-def _train(ns: argparse.Namespace, spec, store, job_id: str, progress: Beacon, base_model: str) -> int:
+def _train(ns: argparse.Namespace, spec, store, job_id: str, progress: Beacon, base_model: str,
+           rank: Rank | None = None) -> int:
     from jobs import data as data_mod
+
+    rank = rank or Rank()
 
     # bitsandbytes' CPU 4-bit kernels use OpenMP threads of their own, beyond torch.set_num_threads,
     # and their results depend on the thread count: pin it (before torch loads) to the CPUs the job
@@ -342,9 +411,18 @@ def _train(ns: argparse.Namespace, spec, store, job_id: str, progress: Beacon, b
         raise SetupError(f"the training packages are not installed here: {exc}") from exc
 
     device = resolve_device(spec)
+    try:
+        gang = plan_gang(spec, device, torch.cuda.device_count() if device == "cuda" else 0, ns.processes)
+    except PlanError as exc:
+        raise SetupError(str(exc)) from exc
+    if gang.processes != rank.world:
+        raise SetupError(f"planned {gang.processes} processes but this gang has {rank.world}")
     if device == "cpu":
-        torch.set_num_threads(max(1, spec.resources.cpus))
-    model, tokenizer, use_bf16 = load_model_and_tokenizer(spec, device)
+        # the job's CPUs, shared by its ranks
+        torch.set_num_threads(max(1, spec.resources.cpus // rank.world))
+    if gang.strategy == "fsdp" and device == "cpu":
+        enable_cpu_fsdp()
+    model, tokenizer, use_bf16 = load_model_and_tokenizer(spec, device, rank.local_rank)
     examples, dropped = data_mod.load_examples([d.model_dump() for d in spec.datasets], tokenizer, spec.sequence_len)
     if dropped:
         print(f"[tunefleet] warning: dropped {dropped} examples whose response does not fit in "
@@ -356,27 +434,34 @@ def _train(ns: argparse.Namespace, spec, store, job_id: str, progress: Beacon, b
             {"input_ids": [e.input_ids for e in exs], "completion_mask": [e.completion_mask for e in exs]}
         )
 
-    resume_dir, resume_step = find_resume_point(store, job_id, work_dir)
-    if resume_dir is None and spec.checkpoint.resume_from:
-        # continue another job's training (a sweep's next rung) from its newest checkpoint
-        resume_dir, resume_step = find_resume_point(store, spec.checkpoint.resume_from, work_dir)
-        print(f"[tunefleet] seeded from job {spec.checkpoint.resume_from} at step {resume_step}",
-              file=sys.stderr, flush=True)
+    resume_dir, resume_step = None, 0
+    if rank.main:  # rank 0 downloads into the shared work folder; the others read it there
+        resume_dir, resume_step = find_resume_point(store, job_id, work_dir)
+        if resume_dir is None and spec.checkpoint.resume_from:
+            # continue another job's training (a sweep's next rung) from its newest checkpoint
+            resume_dir, resume_step = find_resume_point(store, spec.checkpoint.resume_from, work_dir)
+            print(f"[tunefleet] seeded from job {spec.checkpoint.resume_from} at step {resume_step}",
+                  file=sys.stderr, flush=True)
+    resume_dir, resume_step = rank.broadcast((resume_dir, resume_step))
+    if resume_dir is not None and gang.strategy != "fsdp" and any(Path(resume_dir).glob("pytorch_model_fsdp*")):
+        raise SetupError(f"checkpoint {resume_step} was written by FSDP ranks and resumes only under FSDP "
+                         f"(this attempt: {gang.describe()}); a machine with 2 or more GPUs can resume it")
     progress.update(force=True, resumed_from_step=resume_step)
-    print(f"[tunefleet] job {job_id} attempt {ns.attempt_id}: device={device} "
-          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}), "
-          f"{len(train_ex)} train / {len(val_ex)} eval examples, resume from step {resume_step}",
-          file=sys.stderr, flush=True)
+    if rank.main:
+        print(f"[tunefleet] job {job_id} attempt {ns.attempt_id}: device={device} "
+              f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}), {gang.describe()}, "
+              f"{len(train_ex)} train / {len(val_ex)} eval examples, resume from step {resume_step}",
+              file=sys.stderr, flush=True)
 
-    batch = spec.micro_batch_size * spec.gradient_accumulation_steps
+    batch = gang.global_batch
     mean_len = sum(len(e.input_ids) for e in train_ex) / len(train_ex)
     config = SFTConfig(
         output_dir=str(work_dir),
         max_steps=spec.max_steps or -1,
         num_train_epochs=spec.num_epochs,
-        per_device_train_batch_size=spec.micro_batch_size,
-        per_device_eval_batch_size=spec.micro_batch_size,
-        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        per_device_train_batch_size=gang.micro_batch,
+        per_device_eval_batch_size=gang.micro_batch,
+        gradient_accumulation_steps=gang.accumulation,
         learning_rate=spec.learning_rate,
         lr_scheduler_type=spec.lr_scheduler,
         warmup_steps=spec.warmup_steps,
@@ -400,6 +485,7 @@ def _train(ns: argparse.Namespace, spec, store, job_id: str, progress: Beacon, b
         packing=spec.sample_packing,
         completion_only_loss=True,
         disable_tqdm=True,
+        **_distributed_args(gang.strategy),
     )
     trainer = SFTTrainer(
         model=model,
@@ -419,41 +505,43 @@ def _train(ns: argparse.Namespace, spec, store, job_id: str, progress: Beacon, b
         # peft renders a README model card (a Jinja template compiled anew) into every checkpoint:
         # ~40 % of a tiny model's save time, for a file nobody reads. Only the final adapter gets one.
         model.create_or_update_model_card = lambda *a, **k: None
-    uploader = TimedUploader(store, job_id, spec.checkpoint.keep, progress, work_dir / "staging")
+    uploader = TimedUploader(store, job_id, spec.checkpoint.keep, progress, work_dir / "staging") if rank.main else None
     callback = _make_callback(uploader, ns.attempt_id, progress, batch * mean_len,
-                              interval_s=spec.checkpoint.interval_s)
+                              interval_s=spec.checkpoint.interval_s, rank=rank)
     trainer.add_callback(callback)
 
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     finally:
         # whatever happened, what was saved gets committed (SIGTERM: within the grace period)
-        uploader.drain(timeout_s=UPLOAD_DRAIN_S)
+        if uploader is not None:
+            uploader.drain(timeout_s=UPLOAD_DRAIN_S)
     step = trainer.state.global_step
+    if not rank.main:
+        if callback.preempted or callback.stopped or callback.fenced:
+            return EXIT_PREEMPTED if callback.preempted else EXIT_STOPPED
+        _finish(trainer, val_ex, work_dir, gang.strategy, device, rank)
+        return EXIT_OK
     print(f"[tunefleet] checkpoint uploads took {uploader.upload_s:.2f} s in the background",
           file=sys.stderr, flush=True)
     if progress.fenced is not None:
         print(f"[tunefleet] {progress.fenced}; exiting {EXIT_FENCED} at step {step} without writing",
               file=sys.stderr, flush=True)
         return EXIT_FENCED
-    if PREEMPTION.requested:
+    if PREEMPTION.requested or callback.preempted:
         progress.update(force=True, state="preempted", step=step)
         print(f"[tunefleet] preempted at step {step}; checkpoint committed, exiting {EXIT_PREEMPTED}",
               file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
-    if progress.should_stop() and step < trainer.state.max_steps:
+    if (progress.should_stop() or callback.stopped) and step < trainer.state.max_steps:
         progress.update(force=True, state="stopped", step=step)
         print(f"[tunefleet] stopped at step {step} ({progress.should_stop()}); checkpoint committed, "
               f"exiting {EXIT_STOPPED}", file=sys.stderr, flush=True)
         return EXIT_STOPPED
 
-    eval_loss = None
-    if val_ex:
-        eval_loss = float(trainer.evaluate()["eval_loss"])
-    final_dir = work_dir / "final"
     if card is not None:
         model.create_or_update_model_card = card
-    trainer.save_model(str(final_dir))
+    eval_loss, final_dir = _finish(trainer, val_ex, work_dir, gang.strategy, device, rank)
     tokenizer.save_pretrained(str(final_dir))
     meta = {
         "step": step,
@@ -491,6 +579,38 @@ def _train(ns: argparse.Namespace, spec, store, job_id: str, progress: Beacon, b
         shutil.rmtree(work_dir, ignore_errors=True)
     print(f"[tunefleet] done at step {step}; final adapter -> {ref.uri}", file=sys.stderr, flush=True)
     return EXIT_OK
+
+
+def _finish(trainer, val_ex, work_dir: Path, strategy: str, device: str, rank: Rank) -> tuple[float | None, Path]:
+    """The final eval loss (None without eval data) and the final model written to
+    ``work_dir/final`` (by rank 0). Every rank of a gang calls it: both are collectives."""
+    eval_loss = float(trainer.evaluate()["eval_loss"]) if val_ex else None
+    final_dir = work_dir / "final"
+    if strategy != "fsdp":
+        trainer.save_model(str(final_dir))
+        return eval_loss, final_dir
+    # FSDP checkpoints are sharded (any process count >= 2 resumes them); the final model is whole
+    from jobs.gang import full_state_dict
+
+    weights = full_state_dict(trainer.model_wrapped, device)
+    if rank.main:
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(final_dir), state_dict=weights)
+    rank.barrier()
+    return eval_loss, final_dir
+
+
+def _distributed_args(strategy: str) -> dict[str, Any]:
+    """Trainer arguments for the gang's strategy. DDP: every LoRA parameter takes part in every
+    step (no unused-parameter search). FSDP: torch's FSDP2, one unit per decoder layer, sharded
+    checkpoints (torch.distributed.checkpoint, which reshards: another FSDP process count resumes
+    them) and a whole model at the end (``_finish``)."""
+    if strategy == "ddp":
+        return {"ddp_find_unused_parameters": False}
+    if strategy == "fsdp":
+        return {"fsdp": "full_shard auto_wrap",
+                "fsdp_config": {"fsdp_version": 2, "state_dict_type": "SHARDED_STATE_DICT",
+                                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True}}
+    return {}
 
 
 def _thin(points: list, limit: int = 500) -> list:
@@ -538,15 +658,46 @@ def _report_exit(ns: argparse.Namespace, code: int, error: str | None) -> None:
         print(f"[tunefleet] could not report exit {code}: {exc}", file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    PREEMPTION.install()
-    ns = parse_args(argv)
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def _gang_size(ns: argparse.Namespace) -> int:
+    """How many ranks this attempt trains in (``jobs.gang.plan``); 1 means in this process."""
+    import torch
+
+    from jobs.spec import JobSpec
+
+    spec = JobSpec.from_payload_dict(_load_spec(ns))
+    device = resolve_device(spec)
+    try:
+        return plan_gang(spec, device, torch.cuda.device_count() if device == "cuda" else 0, ns.processes).processes
+    except PlanError as exc:
+        raise SetupError(str(exc)) from exc
+
+
+def _launch(ns: argparse.Namespace, processes: int) -> tuple[int, str | None]:
+    """Train as a gang of ``processes`` ranks (``jobs.gang.launch``) sharing one work folder."""
+    from jobs import gang
+
+    argv = []
+    for flag, value in (("--spec", ns.spec), ("--store", ns.store), ("--job-id", ns.job_id),
+                        ("--attempt-id", ns.attempt_id)):
+        if value is not None:
+            argv += [flag, value]
+    own_work = ns.work_dir is None
+    work_dir = Path(ns.work_dir or tempfile.mkdtemp(prefix=f"tunefleet-{ns.job_id}-"))
+    try:
+        return gang.launch(argv, processes, work_dir)
+    finally:
+        if own_work:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _run(ns: argparse.Namespace, lead: bool) -> tuple[int, str | None]:
+    """Train (as the whole attempt when ``lead``, else as one rank of a gang); (exit code, error)."""
     error = None
     try:
         if not ns.store:
             raise ValueError("no checkpoint store: pass --store URI or set TUNEFLEET_STORE")
+        if lead and (n := _gang_size(ns)) > 1:
+            return _launch(ns, n)
         code = train(ns)
     except SystemExit as exc:
         code = int(exc.code or 0)
@@ -563,6 +714,21 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         traceback.print_exc()
         code, error = EXIT_FAILED, f"{type(exc).__name__}: {exc}"
+    return code, error
+
+
+def main(argv: list[str] | None = None) -> int:
+    PREEMPTION.install()
+    ns = parse_args(argv)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if os.environ.get("TUNEFLEET_GANG_DIR"):  # one rank of a gang: its launcher reports for all
+        from jobs.gang import write_report
+
+        code, error = _run(ns, lead=False)
+        write_report(code, error)
+        return code
+    code, error = _run(ns, lead=True)
     _report_exit(ns, code, error)
     return code
 
