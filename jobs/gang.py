@@ -270,6 +270,7 @@ class Rank:
                                     device_id=torch.device("cuda", self.local_rank))
         else:
             dist.init_process_group(backend="gloo", init_method="env://", timeout=timeout)
+            _load_onto_indexed_cpu()
         self._control = dist.group.WORLD
 
     def barrier(self) -> None:
@@ -305,6 +306,20 @@ class Rank:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def _load_onto_indexed_cpu() -> None:
+    """Let ``torch.load(map_location="cpu:N")`` work. A CPU rank's Trainer device is ``cpu:N``,
+    and resuming loads the optimizer state onto it, which torch's own deserializers refuse ("don't
+    know how to restore data location ... cpu:0"): a DDP gang on CPU could not resume."""
+    import torch.serialization as ser
+
+    def restore(storage, location: str):
+        return storage if location.startswith("cpu:") else None
+
+    if not getattr(ser, "_tunefleet_indexed_cpu", False):
+        ser.register_package(99, lambda obj: None, restore)
+        ser._tunefleet_indexed_cpu = True
 
 
 def enable_cpu_fsdp() -> None:
