@@ -9,6 +9,11 @@ Sources (``../shared/reference/training.md``):
   full fine-tuning with Adam in mixed precision ~16 bytes/param; plus activations, which grow with
   sequence length x micro batch (Korthikanti et al.: ~34·s·b·h bytes per layer in 16-bit, or
   ~2·s·b·h with gradient checkpointing) and fp32 logits (s·b·vocab·4 bytes).
+- Several GPUs (``jobs.gang``): DDP keeps a whole replica on each GPU (per-GPU VRAM as on one, plus
+  its gradient buckets); FSDP shards weights, gradients and Adam state over the N GPUs and
+  gathers one decoder layer at a time (ZeRO-3: ~16·P/N bytes plus two layers' 16-bit weights).
+  Steps come from the global batch (micro batch x accumulation x GPUs), hours from N GPUs at
+  ``MULTI_GPU_EFFICIENCY``.
 - Throughput: Llama-2-7B 4-bit on an A100, HF + FA2, batch 4x2, len 1024: 2,415 tokens/s
   (LLaMA-Factory). Other sizes scale ~1/params; other GPUs by ``jobs.gpus`` relative speed.
   Measured tokens/s from earlier runs of the same base model and method override the table.
@@ -26,11 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from jobs.gpus import GPUS
+from jobs.spec import gang_shape
 
 REF_TOKENS_PER_S = {"qlora": 2400.0, "lora": 3100.0, "full": 2000.0}  # 7B on one A100, per GPU
 REF_PARAMS_B = 7.0
 MAX_TOKENS_PER_S_A100 = 400_000.0  # tiny models are bound by overheads, not FLOPs
 MULTI_GPU_EFFICIENCY = 0.9
+DDP_BUCKETS_GB = 0.1  # DDP's gradient buckets (2 x 25 MB by default) and NCCL buffers
 # One checkpoint's save + upload before the payload has measured one (progress ``checkpoint_s``):
 CHECKPOINT_FIXED_S = 3.0  # write, fsync, commit marker, a few small files
 CHECKPOINT_UPLOAD_GBPS = 2.0  # a rented machine's upload to object storage, gigabits/s
@@ -63,6 +70,10 @@ class Estimate:
     tokens_per_step: float
     tokens_per_s_a100: float  # on one A100-80GB
     calibrated: dict[str, float] = field(default_factory=dict)  # gpu -> measured tokens/s
+    strategy: str = "single"  # single | ddp | fsdp, for the GPUs the job asks for
+    processes: int = 1  # ranks on those GPUs
+    global_batch: int = 1  # examples per optimizer step
+    vram_one_gpu_gb: float = 0.0  # what a single GPU training it alone would need
 
     def tokens_per_s(self, gpu: str, count: int = 1) -> float | None:
         if gpu in self.calibrated:
@@ -109,6 +120,10 @@ class Estimate:
             "steps": self.steps,
             "tokens_per_s_a100": round(self.tokens_per_s_a100, 1),
             "calibrated": self.calibrated,
+            "strategy": self.strategy,
+            "processes": self.processes,
+            "global_batch": self.global_batch,
+            "vram_one_gpu_gb": round(self.vram_one_gpu_gb, 2),
         }
 
 
@@ -230,16 +245,27 @@ def estimate(spec: Any, calibration: dict[str, float] | None = None) -> Estimate
     tokens_in_flight = seq * mb
     per_layer = (2 if s.get("gradient_checkpointing") else 34) * tokens_in_flight * shape.hidden
     activations = (per_layer * shape.layers + tokens_in_flight * shape.vocab * 4) / 1e9
+    vram_one = weights + activations
+
+    world, strategy = gang_shape(s.get("strategy") or "auto", int((s.get("resources") or {}).get("gpus", 1)),
+                                 s.get("adapter"))
+    if strategy == "fsdp":
+        layer_gb = p * 2 / max(1, shape.layers)  # one decoder layer's 16-bit weights, gathered
+        weights = (weights - 0.5) / world + 2 * layer_gb + 0.5
+    elif strategy == "ddp":
+        weights += DDP_BUCKETS_GB
     vram = weights + activations
 
-    batch = mb * ga
+    batch = mb * ga * world  # the global batch
+    tokens_per_step = batch * mean_tokens
     if s.get("max_steps"):
         steps = int(s["max_steps"])
+        tokens = int(steps * tokens_per_step)
     else:
         n_train = max(1, round(n_examples * (1 - float(s.get("val_set_size") or 0))))
-        steps = math.ceil(n_train / batch) * max(1, math.ceil(float(s.get("num_epochs", 1))))
-    tokens_per_step = batch * mean_tokens
-    tokens = int(steps * tokens_per_step)
+        epochs = max(1, math.ceil(float(s.get("num_epochs", 1))))
+        steps = math.ceil(n_train / batch) * epochs
+        tokens = int(n_train * epochs * mean_tokens)  # an epoch's last step may be short
 
     tps = REF_TOKENS_PER_S[method] * REF_PARAMS_B / max(p, 1e-6)
     tps = min(tps, MAX_TOKENS_PER_S_A100)
@@ -247,6 +273,7 @@ def estimate(spec: Any, calibration: dict[str, float] | None = None) -> Estimate
         method=method, model=shape, vram_gb=vram, weights_gb=weights, activations_gb=activations,
         examples=n_examples, tokens=tokens, steps=steps, tokens_per_step=tokens_per_step,
         tokens_per_s_a100=tps, calibrated=dict(calibration or {}),
+        strategy=strategy, processes=world, global_batch=batch, vram_one_gpu_gb=vram_one,
     )
 
 

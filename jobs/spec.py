@@ -424,6 +424,17 @@ class Checkpoint(BaseModel):
         return value
 
 
+def gang_shape(strategy: str, gpus: int, adapter: str | None) -> tuple[int, str]:
+    """(processes, strategy) a job is planned for: one process per GPU unless ``single``; ``auto``
+    is DDP for an adapter, FSDP for a full fine-tune (and ``single`` on one GPU or none)."""
+    world = 1 if strategy == "single" else max(1, gpus)
+    if world == 1 and strategy == "auto":
+        return 1, "single"
+    if strategy == "auto":
+        return world, "ddp" if adapter else "fsdp"
+    return world, strategy
+
+
 _SECTIONS: dict[str, type[BaseModel]] = {"resources": Resources, "checkpoint": Checkpoint, "policy": Policy}
 
 
@@ -527,7 +538,7 @@ class JobSpec(BaseModel):
     @property
     def world_size(self) -> int:
         """Processes the job is planned for: one per GPU it asks for, unless ``strategy: single``."""
-        return 1 if self.strategy == "single" else max(1, self.resources.gpus)
+        return gang_shape(self.strategy, self.resources.gpus, self.adapter)[0]
 
     @property
     def global_batch(self) -> int:
@@ -539,11 +550,7 @@ class JobSpec(BaseModel):
     @property
     def distributed_strategy(self) -> str:
         """``strategy`` with ``auto`` resolved for ``world_size`` processes: single, ddp or fsdp."""
-        if self.strategy != "auto":
-            return self.strategy
-        if self.world_size == 1:
-            return "single"
-        return "ddp" if self.adapter else "fsdp"
+        return gang_shape(self.strategy, self.resources.gpus, self.adapter)[1]
 
     @property
     def save_every(self) -> int:

@@ -133,8 +133,11 @@ def estimate(job_file: Path, json_out: JsonOpt = False) -> None:
     d = est.to_dict()
     console.print(
         f"[bold]{job_file}[/]: {d['method']} of {spec.base_model} ({d['params_b']:.3g} B params, from {d['params_source']})\n"
-        f"VRAM per GPU: {d['vram_gb']:.1f} GB (weights+optimizer {d['weights_gb']:.1f}, activations {d['activations_gb']:.1f})\n"
-        f"tokens: {d['tokens']:,} over {d['steps']:,} steps ({d['examples']:,} examples)"
+        f"VRAM per GPU: {d['vram_gb']:.1f} GB (weights+optimizer {d['weights_gb']:.1f}, activations {d['activations_gb']:.1f})"
+        + (f"\n  {d['strategy']} over {d['processes']} GPUs: {d['vram_gb']:.1f} GB on each; one GPU alone would need "
+           f"{d['vram_one_gpu_gb']:.1f} GB" if d["processes"] > 1 else "")
+        + f"\ntokens: {d['tokens']:,} over {d['steps']:,} steps ({d['examples']:,} examples, global batch "
+          f"{d['global_batch']})"
     )
     table = Table(box=None, header_style="bold")
     for col in ("GPU", "COUNT", "VRAM", "FITS", "HOURS"):

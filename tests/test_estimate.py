@@ -82,3 +82,31 @@ def test_model_size_sources(tmp_path):
 )
 def test_gpu_names_are_canonical(raw, vram, want):
     assert canonical_gpu(raw, vram) == want
+
+
+def test_several_gpus_fsdp_shards_the_memory_and_ddp_replicates_it():
+    full = dict(base_model="meta-llama/Llama-3.1-8B", adapter=None, load_in_4bit=False, max_steps=100)
+    one = estimate(spec(**full, resources={"gpus": 1}))
+    four = estimate(spec(**full, resources={"gpus": 4}))
+    eight = estimate(spec(**full, resources={"gpus": 8}))
+    assert (one.strategy, four.strategy, four.processes) == ("single", "fsdp", 4)
+    assert one.vram_gb > 120  # ~16 bytes a parameter: no single 80 GB GPU holds it
+    # ZeRO-3: weights, gradients and Adam state split 4 ways, plus the layers gathered at a time
+    assert 30 < four.vram_gb < 45 and eight.vram_gb < four.vram_gb
+    assert four.vram_one_gpu_gb == pytest.approx(one.vram_gb)
+    qlora = dict(base_model="meta-llama/Llama-3.1-8B", adapter="qlora", load_in_4bit=True, max_steps=100)
+    q1, q4 = estimate(spec(**qlora, resources={"gpus": 1})), estimate(spec(**qlora, resources={"gpus": 4}))
+    assert q4.strategy == "ddp" and q1.vram_gb < q4.vram_gb < q1.vram_gb + 0.5  # a replica on each GPU
+
+
+def test_several_gpus_keep_the_global_batch_in_steps_and_hours():
+    base = dict(max_steps=None, num_epochs=1, micro_batch_size=2, gradient_accumulation_steps=4)
+    one = estimate(spec(**base, resources={"gpus": 1}))
+    four = estimate(spec(**base, resources={"gpus": 4}))
+    assert (one.global_batch, four.global_batch) == (8, 32)
+    assert four.steps == -(-one.steps * 8 // 32)  # a quarter of the steps, each four times the examples
+    assert four.tokens == pytest.approx(one.tokens, rel=0.1)
+    # four GPUs at 90 % scaling: a bit more than a quarter of the hours
+    assert four.hours("A100-80GB", 4) == pytest.approx(four.tokens / one.tokens * one.hours("A100-80GB") / 3.6)
+    single = estimate(spec(**base, strategy="single", resources={"gpus": 4}))
+    assert (single.processes, single.global_batch) == (1, 8)
