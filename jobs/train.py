@@ -155,7 +155,7 @@ def _load_spec(ns: argparse.Namespace):
     return raw
 
 
-def _materialize(raw: dict, store):
+def _materialize(raw: dict, store, quiet: bool = False):
     """The spec with its staged inputs downloaded and verified here (``jobs.inputs``). A store that
     does not answer is waited out like any store fault; a missing or corrupted input is bad input."""
     from jobs.inputs import InputError, materialize
@@ -163,7 +163,8 @@ def _materialize(raw: dict, store):
 
     def fetch():
         try:
-            return materialize(raw, store, say=lambda m: print(f"[tunefleet] {m}", file=sys.stderr, flush=True))
+            return materialize(raw, store, say=None if quiet else lambda m: print(f"[tunefleet] {m}", file=sys.stderr,
+                                                                                   flush=True))
         except InputError as exc:
             return exc
 
@@ -379,7 +380,7 @@ def train(ns: argparse.Namespace) -> int:
         rank.init(resolve_device(JobSpec.from_payload_dict(raw)))
         if not rank.main:
             rank.barrier()  # rank 0 fetches the inputs into the cache first; the others then verify them there
-        spec = _materialize(raw, store)
+        spec = _materialize(raw, store, quiet=not rank.main)
         if rank.main:
             rank.barrier()
         return _train(ns, spec, store, job_id, progress, base_model=raw["base_model"], rank=rank)
