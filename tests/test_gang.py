@@ -24,7 +24,7 @@ import pytest
 
 from jobs.gang import PlanError, plan
 from jobs.spec import JobSpec, load_job_file
-from tests.test_payload import REPO, WAIT_S, Payload, committed_steps
+from tests.test_payload import REPO, WAIT_S, Payload, committed_steps, payload_env
 
 EXAMPLE = REPO / "examples" / "qlora-tiny.yaml"
 LOSS_TOL = 1e-3
@@ -106,11 +106,7 @@ def scratch(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def env(model_cache, scratch) -> dict:
-    home = scratch / "home"
-    home.mkdir()
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "HF_HOME": str(home / "hf"), "TUNEFLEET_HOME": str(home), "TUNEFLEET_MODEL_CACHE": str(model_cache),
-            "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    return payload_env(model_cache, scratch)
 
 
 def start(env, scratch: Path, name: str, spec: dict, store: Path, processes: int | None = None) -> Payload:

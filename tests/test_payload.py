@@ -146,6 +146,11 @@ def scratch(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def env(model_cache, scratch) -> dict:
+    return payload_env(model_cache, scratch)
+
+
+def payload_env(model_cache: Path, scratch: Path) -> dict:
+    """The environment a payload process gets: offline, no GPU, its own home under ``scratch``."""
     home = scratch / "home"
     home.mkdir()
     return {
