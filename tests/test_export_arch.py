@@ -36,8 +36,9 @@ ARCHS = {  # architecture -> (its dataset, the type of that dataset)
     "llama": ("alpaca-tiny.jsonl", "alpaca"),
     "qwen2": ("chat-tiny.jsonl", "chat_template"),
 }
-METHODS = ("qlora", "lora")
-CASES = [(a, m) for a in ARCHS for m in METHODS]
+# QLoRA (merged into the unquantized base) on one architecture, LoRA on the other: both merge
+# paths and both architectures, in half the training time of all four pairs
+CASES = [("llama", "qlora"), ("qwen2", "lora")]
 MAX_STEPS, SAVE_STEPS = 12, 6
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -119,7 +120,7 @@ def job_file(tmp: Path, arch: str, method: str, base: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Both bases saved, the four jobs submitted and run to success by ``tunefleet daemon``."""
+    """Both bases saved, the jobs (one per case) submitted and run to success by ``tunefleet daemon``."""
     tmp = tmp_path_factory.mktemp("arch")
     home = tmp / "home"
     home.mkdir()
