@@ -131,7 +131,7 @@ def load_model(weights: str | Path = WEIGHTS):
     model = build_model()
     try:
         state = load_file(str(weights))
-    except Exception as exc:  # a truncated or foreign file that happens to pass no hash check
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a bad file
         raise TinyModelError(f"{TINY_MODEL_ID}: cannot load its weights {weights} ({exc})") from None
     try:
         model.load_state_dict(state, strict=True)
