@@ -210,6 +210,8 @@ def load_model_and_tokenizer(spec, device: str, device_index: int = 0):
     if device == "cuda" and "quantization_config" in kwargs:
         kwargs["device_map"] = {"": device_index}
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if device == "cpu" and spec.load_in_4bit:
+        _keep_4bit_layout(model)
     # LoRA's A matrices are drawn from the global RNG: seed it, or every attempt starts elsewhere.
     set_seed(spec.seed)
     if spec.adapter:
@@ -231,6 +233,18 @@ def load_model_and_tokenizer(spec, device: str, device_index: int = 0):
             ),
         )
     return model, tokenizer, use_bf16
+
+
+def _keep_4bit_layout(model) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit layer's weights on its first
+    forward pass in eval mode and unpacks them when saving, and the round trip is not exact (logits
+    then differ by up to 0.17): a QLoRA job with an eval split would train on other weights after
+    each eval and resume inexactly. Keep the layout training uses."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 class TimedUploader(Uploader):

@@ -25,12 +25,6 @@ from orchestrator.store import InvalidTransition, Store
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "qlora-tiny.yaml"
 DEADLINE_S = 15 * 60
-# The demo holds out this share of the example's data, so it shows the eval loss falling too.
-# Not in the YAML (yet): on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference
-# at the first eval and unpacks them lossily at the next save, so a resumed QLoRA run with an eval
-# split is not bitwise equal to an uninterrupted one until jobs.train turns that packing off, and
-# tests/test_payload.py checks bitwise resumes on the example.
-DEMO_VAL_SET_SIZE = 0.1
 
 
 def _start_daemon(config: Config) -> subprocess.Popen | None:
@@ -59,8 +53,6 @@ def run_demo(
     console = console or Console(stderr=True)
     say = (lambda *a: None) if quiet else console.print
     spec = load_job_file(job_file or EXAMPLE)
-    if job_file is None and not spec.val_set_size:
-        spec = spec.model_copy(update={"val_set_size": DEMO_VAL_SET_SIZE})
     config.home.mkdir(parents=True, exist_ok=True)
     store = Store(config.db_path)
     job_id = submit_spec(store, spec, config)
