@@ -189,9 +189,12 @@ def load_model_and_tokenizer(spec, device: str, device_index: int = 0):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
 
-    from jobs.tiny import TINY_MODEL_ID, tiny_model_dir
+    from jobs.tiny import TINY_MODEL_ID, TinyModelError, tiny_model_dir
 
-    source = str(tiny_model_dir()) if spec.base_model == TINY_MODEL_ID else spec.base_model
+    try:
+        source = str(tiny_model_dir()) if spec.base_model == TINY_MODEL_ID else spec.base_model
+    except TinyModelError as exc:  # this machine's installation is damaged: another can run the job
+        raise SetupError(str(exc)) from exc
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
