@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.storage import CheckpointStore, ObjectMissing, StorageError, sha256_file
+from jobs.spec import DATASET_KEYS
 
 PREFIX = "inputs/"
 MANIFEST = "MANIFEST.json"
@@ -92,7 +93,7 @@ def local_inputs(doc: dict[str, Any]) -> list[tuple[str, str]]:
     """(path, kind) of every local input of a validated spec (paths already absolute), not yet staged."""
     staged = doc.get("inputs") or {}
     found: list[tuple[str, str]] = []
-    for item in doc.get("datasets") or []:
+    for item in [d for key in DATASET_KEYS for d in doc.get(key) or []]:
         path = item.get("path") if isinstance(item, dict) else None
         if isinstance(path, str) and path not in staged and os.path.isfile(path):
             found.append((path, "file"))
@@ -243,7 +244,7 @@ def materialize(doc: dict[str, Any], store: CheckpointStore, cache: Path | None 
             say(f"input {os.path.basename(original)}: {ref.get('size', 0)} bytes, sha256 {str(ref['sha256'])[:12]} "
                 "verified")
     out = json.loads(json.dumps(doc))
-    for item in out.get("datasets") or []:
+    for item in [d for key in DATASET_KEYS for d in out.get(key) or []]:
         if item.get("path") in local:
             item["path"] = local[item["path"]]
     if out.get("base_model") in local:

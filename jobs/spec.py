@@ -279,6 +279,17 @@ def _rule_violations(get: Callable[[str], Any]) -> list[tuple[str, str]]:
             )
         )
 
+    evals = get("eval_datasets")
+    val = get("val_set_size")
+    if isinstance(evals, list) and evals and isinstance(val, float) and val > 0:
+        out.append(
+            (
+                "eval_datasets",
+                "eval_datasets and val_set_size both choose the eval data: give one (eval_datasets to "
+                "measure on other files, val_set_size to hold out a share of datasets)",
+            )
+        )
+
     save_steps = get("save_steps")
     interval = get("checkpoint.interval")
     if isinstance(save_steps, int) and isinstance(interval, int) and save_steps != interval:
@@ -435,6 +446,9 @@ def gang_shape(strategy: str, gpus: int, adapter: str | None) -> tuple[int, str]
     return world, strategy
 
 
+#: The keys whose entries are dataset files (checked, staged and fetched alike).
+DATASET_KEYS = ("datasets", "eval_datasets")
+
 _SECTIONS: dict[str, type[BaseModel]] = {"resources": Resources, "checkpoint": Checkpoint, "policy": Policy}
 
 
@@ -486,6 +500,8 @@ class JobSpec(BaseModel):
     seed: int = Field(42, ge=0, le=2**32 - 1)  # what numpy and torch accept
 
     datasets: list[DatasetSpec] = Field(min_length=1)
+    #: Data to measure eval loss on (not trained on), instead of holding out ``val_set_size``.
+    eval_datasets: list[DatasetSpec] | None = Field(None, min_length=1, max_length=100)
     #: Fraction of the data held out for eval loss.
     val_set_size: float = Field(0.0, ge=0, lt=1)
     save_steps: int | None = Field(None, gt=0, le=MAX_STEPS)
@@ -854,9 +870,10 @@ def _check_files(data: dict[Any, Any], base: str, problems: list[tuple[_Path, st
     Only well-formed entries are checked: anything malformed is left for the model to report.
     """
     data = dict(data)
-    datasets = data.get("datasets")
-    if isinstance(datasets, list):
-        data["datasets"] = [_check_dataset(item, index, base, problems) for index, item in enumerate(datasets)]
+    for key in DATASET_KEYS:
+        datasets = data.get(key)
+        if isinstance(datasets, list):
+            data[key] = [_check_dataset(item, key, index, base, problems) for index, item in enumerate(datasets)]
 
     base_model = data.get("base_model")
     if isinstance(base_model, str) and base_model.startswith(("/", ".", "~")):
@@ -869,7 +886,7 @@ def _check_files(data: dict[Any, Any], base: str, problems: list[tuple[_Path, st
     return data
 
 
-def _check_dataset(item: Any, index: int, base: str, problems: list[tuple[_Path, str]]) -> Any:
+def _check_dataset(item: Any, key: str, index: int, base: str, problems: list[tuple[_Path, str]]) -> Any:
     if not isinstance(item, dict) or not isinstance(item.get("path"), str):
         return item
     given = item["path"]
@@ -882,7 +899,7 @@ def _check_dataset(item: Any, index: int, base: str, problems: list[tuple[_Path,
         message = f"dataset path is a folder, not a file: {given} ({absolute})"
     else:
         message = f"dataset file not found: {given} (looked in {absolute})"
-    problems.append((("datasets", index, "path"), message))
+    problems.append(((key, index, "path"), message))
     return item
 
 
@@ -896,8 +913,9 @@ def _check_contents(data: Mapping[Any, Any], warnings: list[str]) -> list[tuple[
     seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and 8 <= seq <= 262144 else None
     base_model = data.get("base_model")
     exact = base_model == BUILTIN_TINY_MODEL
-    datasets = data.get("datasets")
-    for i, item in enumerate(datasets if isinstance(datasets, list) else ()):
+    entries = [(key, i, item) for key in DATASET_KEYS if isinstance(data.get(key), list)
+               for i, item in enumerate(data[key])]
+    for key, i, item in entries:
         if not isinstance(item, dict) or not isinstance(item.get("path"), str) or not os.path.isfile(item["path"]):
             continue
         kind = item.get("type", "completion")
@@ -906,7 +924,7 @@ def _check_contents(data: Mapping[Any, Any], warnings: list[str]) -> list[tuple[
         field = item.get("field") if isinstance(item.get("field"), str) and item.get("field") else (
             "messages" if kind == "chat_template" else "text")
         report = checks.check_dataset(item["path"], kind, field, seq or 512, exact_tokens=exact)
-        loc: _Path = ("datasets", i, "path")
+        loc: _Path = (key, i, "path")
         for message in report.problems:
             problems.append((loc, f"{os.path.basename(item['path'])} {message}"))
         if report.more_problems:
@@ -916,7 +934,7 @@ def _check_contents(data: Mapping[Any, Any], warnings: list[str]) -> list[tuple[
             if error:
                 problems.append((loc, error))
             if warning:
-                warnings.append(f"datasets[{i}] {os.path.basename(item['path'])}: {warning}")
+                warnings.append(f"{key}[{i}] {os.path.basename(item['path'])}: {warning}")
     modules = data.get("lora_target_modules")
     if isinstance(base_model, str) and data.get("adapter") in ("lora", "qlora") and isinstance(modules, list) \
             and all(isinstance(m, str) for m in modules):

@@ -445,7 +445,12 @@ def _train(ns: argparse.Namespace, spec, store, job_id: str, progress: Beacon, b
     if dropped:
         print(f"[tunefleet] warning: dropped {dropped} examples whose response does not fit in "
               f"sequence_len {spec.sequence_len}", file=sys.stderr, flush=True)
-    train_ex, val_ex = data_mod.split(examples, spec.val_set_size, spec.seed)
+    if spec.eval_datasets:  # measured on files of their own; everything in datasets is trained on
+        train_ex = examples
+        val_ex, _ = data_mod.load_examples([d.model_dump() for d in spec.eval_datasets], tokenizer,
+                                           spec.sequence_len)
+    else:
+        train_ex, val_ex = data_mod.split(examples, spec.val_set_size, spec.seed)
 
     def to_ds(exs):
         return Dataset.from_dict(

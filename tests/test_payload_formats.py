@@ -56,3 +56,19 @@ def test_full_fine_tune_with_eval_split_saves_the_whole_model(tmp_path, model_ca
 
     n_train, n_eval = map(int, re.search(r"(\d+) train / (\d+) eval examples", log).groups())
     assert n_eval == round(0.1 * (n_train + n_eval)) > 0  # 10 % held out, none trained on
+
+
+def test_eval_datasets_measure_eval_loss_on_their_own_files(tmp_path, model_cache):
+    rows = (EXAMPLES / "data" / "alpaca-tiny.jsonl").read_text().splitlines()
+    (tmp_path / "held-out.jsonl").write_text("\n".join(rows[:12]) + "\n")
+    spec = load_job_file(EXAMPLES / "qlora-tiny.yaml").to_payload_dict()
+    spec.update(max_steps=6, save_steps=6, val_set_size=0.0,
+                eval_datasets=[{"path": str(tmp_path / "held-out.jsonl"), "type": "alpaca"}])
+    code, log = _run(tmp_path, spec, model_cache)
+    assert code == 0, log[-3000:]
+    import re
+
+    n_train, n_eval = map(int, re.search(r"(\d+) train / (\d+) eval examples", log).groups())
+    assert (n_train, n_eval) == (len(rows), 12)  # every example of datasets trained on, the file's 12 measured
+    final = open_store((tmp_path / "store").as_uri()).final("j1")
+    assert final.meta["eval_loss"] is not None and final.meta["eval_loss"] > 0

@@ -388,3 +388,20 @@ def test_the_daemon_renews_an_attempts_credentials_at_half_life(tmp_path, moto_s
             doc = json.loads(open_store(uri).get_bytes(refresh_key(job.id, att.id)))
             assert doc["AWS_SESSION_TOKEN"] and doc["expires_at"] == pytest.approx(d._creds_until[att.id], abs=1)
             d.calls.shutdown()
+
+
+def test_eval_datasets_travel_like_datasets(tmp_path):
+    folder = _job_folder(tmp_path)
+    shutil.copy(folder / "data" / "train.jsonl", folder / "data" / "eval.jsonl")
+    with open(folder / "data" / "eval.jsonl", "a") as f:
+        f.write('{"instruction": "held out", "output": "yes"}\n')  # other content: its own address
+    spec = _spec(folder)
+    spec["eval_datasets"] = [{"path": str(folder / "data" / "eval.jsonl"), "type": "alpaca"}]
+    store = LocalFolderStore(tmp_path / "store")
+    staged = stage(spec, store)
+    assert str(folder / "data" / "eval.jsonl") in staged["inputs"]
+    shutil.rmtree(folder)
+    ready = materialize(staged, store, tmp_path / "cache")
+    got = Path(ready["eval_datasets"][0]["path"])
+    assert got.is_file() and got.read_text().endswith('{"instruction": "held out", "output": "yes"}\n')
+    assert ready["eval_datasets"][0]["path"] != ready["datasets"][0]["path"]

@@ -375,6 +375,17 @@ def test_save_steps_and_interval_conflict(job_dir: Path) -> None:
     assert problem.message == "save_steps and checkpoint.interval disagree (10 vs 20): give one"
 
 
+def test_eval_datasets_are_checked_like_datasets_and_exclude_val_set_size(job_dir: Path) -> None:
+    (job_dir / "data" / "eval.jsonl").write_text('{"text": "held out"}\n')
+    spec = load_job_text(MINIMAL + "eval_datasets:\n  - path: data/eval.jsonl\n", base_dir=job_dir)
+    assert spec.eval_datasets[0].path == str(job_dir / "data" / "eval.jsonl")  # made absolute, like datasets
+    problems = by_loc(problems_of(MINIMAL + "val_set_size: 0.1\neval_datasets:\n  - path: data/missing.jsonl\n"
+                                  "  - path: data/eval.jsonl\n    type: alpaca\n", job_dir))
+    assert "dataset file not found: data/missing.jsonl" in problems["eval_datasets[0].path"].message
+    assert "needs non-empty strings ['instruction', 'output'] for type alpaca" in problems["eval_datasets[1].path"].message
+    assert "eval_datasets and val_set_size both choose the eval data: give one" in problems["eval_datasets"].message
+
+
 def test_cross_field_rule_reported_alongside_field_errors(job_dir: Path) -> None:
     problems = by_loc(problems_of(MINIMAL + "adapter: qlora\nlearning_rate: -1\n", job_dir))
     assert set(problems) == {"adapter", "learning_rate"}
