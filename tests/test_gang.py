@@ -29,8 +29,8 @@ from tests.test_payload import REPO, WAIT_S, Payload, committed_steps, payload_e
 EXAMPLE = REPO / "examples" / "qlora-tiny.yaml"
 LOSS_TOL = 1e-3
 WEIGHT_TOL = 1e-5
-MAX_STEPS = 30
-SAVE = 10
+MAX_STEPS = 16
+SAVE = 5
 EXIT_PREEMPTED, EXIT_SETUP_FAILED = 75, 3
 
 
@@ -183,7 +183,7 @@ def test_ddp_gang_matches_one_process_and_resumes_on_one_or_two(env, scratch):
 
     store = scratch / "ddp-store"
     p = start(env, scratch, "ddp", spec, store)
-    assert preempt(p, after_step=12) == EXIT_PREEMPTED  # SIGTERM to the launcher: every rank gets it
+    assert preempt(p, after_step=7) == EXIT_PREEMPTED  # SIGTERM to the launcher: every rank gets it
     assert "started 2 ranks" in p.log() and "2 processes (ddp), micro batch 2 x accumulation 1 x 2" in p.log()
     stop = p.progress()["step"]
     assert p.progress()["state"] == "preempted" and p.progress()["exit_code"] == EXIT_PREEMPTED
@@ -213,7 +213,7 @@ def test_fsdp_full_fine_tune_stops_together_and_resumes_sharded(env, scratch):
     store = scratch / "fsdp-store"
     p = start(env, scratch, "fsdp", spec, store)
     # SIGTERM to rank 1 alone: the gang agrees at the next step end, and rank 0 saves and reports
-    assert preempt(p, after_step=12, rank=1) == EXIT_PREEMPTED
+    assert preempt(p, after_step=7, rank=1) == EXIT_PREEMPTED
     stop = p.progress()["step"]
     assert p.progress()["state"] == "preempted"
     newest = store / "job" / "checkpoints" / f"{stop:010d}"

@@ -49,9 +49,15 @@ def test_survivors_keep_the_best_fraction_by_eval_loss():
 
 
 def test_bad_sweeps_are_refused_with_the_reason(tmp_path):
+    # a base with no eval split (the shipped example holds out 10 %), for the halving case
+    base = yaml.safe_load((EXAMPLES / "qlora-tiny.yaml").read_text())
+    base.pop("val_set_size", None)
+    base["datasets"][0]["path"] = str(EXAMPLES / base["datasets"][0]["path"])
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+
     def write(doc):
         path = tmp_path / "sweep.yaml"
-        path.write_text(yaml.safe_dump({"base": str(EXAMPLES / "qlora-tiny.yaml"), **doc}))
+        path.write_text(yaml.safe_dump({"base": str(tmp_path / "base.yaml"), **doc}))
         return path
 
     cases = [
