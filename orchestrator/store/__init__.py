@@ -32,20 +32,29 @@ Why it is shaped this way:
 
 The parts: ``schema`` (migrations), ``rows`` (errors and decoded rows), ``base`` (connection,
 transactions, upgrade), ``jobs``, ``attempts`` and ``ledger`` (events, spend, throughput, sweeps,
-provider health). ``Store`` is all of them; import everything from here.
+provider health), ``accounts`` (teams, users, API tokens, spend by owner). ``Store`` is all of them;
+import everything from here.
 """
 
 from __future__ import annotations
 
+from orchestrator.store.accounts import AccountsMixin
 from orchestrator.store.ledger import LedgerMixin
 from orchestrator.store.rows import (
+    AccountExists,
     AttemptNotFound,
     AttemptRow,
     EventRow,
+    InvalidAccount,
     InvalidTransition,
     JobNotFound,
     JobRow,
     StoreError,
+    TeamNotFound,
+    TokenNotFound,
+    TokenRow,
+    UserNotFound,
+    UserRow,
 )
 from orchestrator.store.schema import MIGRATIONS, SCHEMA_VERSION
 from orchestrator.store.schema import split_sql as _split_sql  # noqa: F401 - tests run it
@@ -57,13 +66,25 @@ __all__ = [
     "JobNotFound",
     "AttemptNotFound",
     "InvalidTransition",
+    "TeamNotFound",
+    "UserNotFound",
+    "TokenNotFound",
+    "AccountExists",
+    "InvalidAccount",
     "JobRow",
     "AttemptRow",
     "EventRow",
+    "UserRow",
+    "TokenRow",
     "Store",
 ]
 
 
-class Store(LedgerMixin):
-    """The state store: jobs, attempts, events, spend, sweeps. One SQLite connection per object;
+class Store(AccountsMixin, LedgerMixin):
+    """The state store: jobs, attempts, events, spend, sweeps, accounts. One SQLite connection per object;
     safe to share between threads (every use of the connection goes through one lock)."""
+
+    def schema_version(self) -> int:
+        """The schema version of the open file (``SCHEMA_VERSION`` once it is open)."""
+        with self._read():
+            return self._schema_version()

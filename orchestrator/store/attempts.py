@@ -54,7 +54,8 @@ class AttemptsMixin(JobsMixin):
             attempt_id = f"{job_id}.{seq}"
             c.execute(
                 "INSERT INTO attempts (id, job_id, seq, provider, offer_id, state, usd_per_hour,"
-                " created_at, start_step) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, start_step, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?,"
+                " (SELECT owner FROM jobs WHERE id = ?))",
                 (
                     attempt_id,
                     job_id,
@@ -65,6 +66,7 @@ class AttemptsMixin(JobsMixin):
                     float(usd_per_hour),
                     now,
                     int(start_step),
+                    job_id,
                 ),
             )
             c.execute(
@@ -162,8 +164,9 @@ class AttemptsMixin(JobsMixin):
             if spend_usd:
                 c.execute("UPDATE jobs SET cost_usd = cost_usd + ? WHERE id = ?", (spend_usd, att.job_id))
                 c.execute(
-                    "INSERT INTO spend (ts, job_id, attempt_id, provider, usd, kind) VALUES (?, ?, ?, ?, ?, ?)",
-                    (now, att.job_id, attempt_id, att.provider, spend_usd, "compute"),
+                    "INSERT INTO spend (ts, job_id, attempt_id, provider, usd, kind, owner)"
+                    " VALUES (?, ?, ?, ?, ?, ?, (SELECT owner FROM jobs WHERE id = ?))",
+                    (now, att.job_id, attempt_id, att.provider, spend_usd, "compute", att.job_id),
                 )
                 extra = {**extra, "spend_usd": spend_usd}
             event_data = {"from": att.state.value, "to": to.value, **extra}
@@ -206,6 +209,15 @@ class AttemptsMixin(JobsMixin):
                 live,
             ).fetchall()
         return [attempt_row(r) for r in rows]
+
+    def count_preemptions(self) -> int:
+        """Attempts that ended interrupted (reclaimed or preempted), over the whole history (a
+        counter for the server's metrics)."""
+        with self._read() as c:
+            return int(c.execute(
+                "SELECT COUNT(*) FROM attempts WHERE state = ? OR end_code = ?",
+                (AttemptState.PREEMPTED.value, EndReason.PREEMPTED.value),
+            ).fetchone()[0])
 
     def latest_attempt(self, job_id: str) -> AttemptRow | None:
         """The job's attempt with the highest seq, or None if it never had one."""

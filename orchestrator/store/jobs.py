@@ -10,10 +10,12 @@ from typing import Any
 from orchestrator.states import ACTIVE_JOB_STATES, JobState
 from orchestrator.store.base import StoreBase
 from orchestrator.store.rows import (
+    InvalidAccount,
     InvalidTransition,
     JobNotFound,
     JobRow,
     StoreError,
+    UserNotFound,
     as_job_states,
     dump_dict,
     job_row,
@@ -40,13 +42,24 @@ class JobsMixin(StoreBase):
         name: str,
         priority: int = 0,
         sweep_id: str | None = None,
+        owner: str | None = None,
     ) -> str:
-        """Queue a new job; returns its id. Event "submitted"."""
+        """Queue a new job; returns its id. Event "submitted".
+
+        ``owner`` is the user who submits it (UserNotFound if there is no such user, InvalidAccount
+        if they are disabled); None is the one-person embedded default, with no account. Its
+        attempts and spend rows copy it.
+        """
         spec_json = dump_dict(spec, "spec")
-        data_json = dump_dict({"name": name, "priority": priority, "sweep_id": sweep_id}, "data")
+        data = {"name": name, "priority": priority, "sweep_id": sweep_id}
+        if owner is not None:  # only then, so an embedded job's event reads as it always did
+            data["owner"] = owner
+        data_json = dump_dict(data, "data")
         now = self._now()
         with self._write() as c:
-            job_id = self._insert_job(c, spec_json, name, priority, sweep_id, now)
+            if owner is not None:
+                self._check_owner(c, owner)
+            job_id = self._insert_job(c, spec_json, name, priority, sweep_id, now, owner=owner)
             self._insert_event(
                 c,
                 job_id=job_id,
@@ -59,8 +72,18 @@ class JobsMixin(StoreBase):
         return job_id
 
     @staticmethod
+    def _check_owner(c: sqlite3.Connection, owner: str) -> None:
+        """The owner of a new job must be an enabled user (inside the caller's transaction)."""
+        r = c.execute("SELECT disabled_at FROM users WHERE name = ?", (owner,)).fetchone()
+        if r is None:
+            raise UserNotFound(f"no user {owner!r}")
+        if r[0] is not None:
+            raise InvalidAccount(f"user {owner!r} is disabled")
+
+    @staticmethod
     def _insert_job(
-        c: sqlite3.Connection, spec_json: str, name: str, priority: int, sweep_id: str | None, now: float
+        c: sqlite3.Connection, spec_json: str, name: str, priority: int, sweep_id: str | None, now: float,
+        *, owner: str | None = None,
     ) -> str:
         """Insert a queued job under a fresh random id (inside the caller's transaction)."""
         for _ in range(MAX_ID_TRIES):
@@ -70,9 +93,9 @@ class JobsMixin(StoreBase):
         else:
             raise StoreError(f"could not find a free job id in {MAX_ID_TRIES} tries")
         c.execute(
-            "INSERT INTO jobs (id, name, state, priority, spec_json, created_at, updated_at, sweep_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (job_id, name, JobState.QUEUED.value, int(priority), spec_json, now, now, sweep_id),
+            "INSERT INTO jobs (id, name, state, priority, spec_json, created_at, updated_at, sweep_id, owner)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (job_id, name, JobState.QUEUED.value, int(priority), spec_json, now, now, sweep_id, owner),
         )
         return job_id
 
@@ -108,17 +131,36 @@ class JobsMixin(StoreBase):
         )
 
     def list_jobs(
-        self, states: Iterable[JobState] | None = None, limit: int | None = None
+        self,
+        states: Iterable[JobState] | None = None,
+        limit: int | None = None,
+        *,
+        owner: str | None = None,
+        team: str | None = None,
     ) -> list[JobRow]:
-        """Jobs, newest first (rowid breaks ties between equal created_at)."""
+        """Jobs, newest first (rowid breaks ties between equal created_at).
+
+        ``owner``: only that user's jobs; ``team``: only jobs whose owner is in that team (jobs
+        with no owner are in no team). Both: both must hold. An unknown user or team matches
+        nothing (a filter, not a lookup: no error).
+        """
         sql = "SELECT * FROM jobs"
+        where: list[str] = []
         params: list[Any] = []
         if states is not None:
             wanted = sorted(s.value for s in as_job_states(states))
             if not wanted:
                 return []
-            sql += f" WHERE state IN ({', '.join('?' * len(wanted))})"
+            where.append(f"state IN ({', '.join('?' * len(wanted))})")
             params.extend(wanted)
+        if owner is not None:
+            where.append("owner = ?")
+            params.append(owner)
+        if team is not None:
+            where.append("owner IN (SELECT name FROM users WHERE team = ?)")
+            params.append(team)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, rowid DESC"
         if limit is not None:
             sql += " LIMIT ?"

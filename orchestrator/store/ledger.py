@@ -86,10 +86,10 @@ class LedgerMixin(AttemptsMixin):
             )
             if cur.rowcount == 0:
                 raise JobNotFound(f"no job {job_id!r}")
-            c.execute(
-                "INSERT INTO spend (ts, job_id, attempt_id, provider, usd, kind)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (now, job_id, attempt_id, provider, usd, kind),
+            c.execute(  # the row's owner is its job's, read in this same transaction
+                "INSERT INTO spend (ts, job_id, attempt_id, provider, usd, kind, owner)"
+                " VALUES (?, ?, ?, ?, ?, ?, (SELECT owner FROM jobs WHERE id = ?))",
+                (now, job_id, attempt_id, provider, usd, kind, job_id),
             )
 
     def record_throughput(
@@ -185,13 +185,14 @@ class LedgerMixin(AttemptsMixin):
         return float(row[0])
 
     def spend_rows(self) -> list[dict[str, Any]]:
-        """The whole ledger, oldest first, joined with each job's sweep (for ``tunefleet spend``)."""
+        """The whole ledger, oldest first, joined with each job's sweep (for ``tunefleet spend``);
+        ``owner`` is the row's (its job's owner when it was recorded; None: no account)."""
         with self._read() as c:
             rows = c.execute(
-                "SELECT s.ts, s.job_id, s.attempt_id, s.provider, s.usd, s.kind, j.sweep_id"
+                "SELECT s.ts, s.job_id, s.attempt_id, s.provider, s.usd, s.kind, j.sweep_id, s.owner"
                 " FROM spend s LEFT JOIN jobs j ON j.id = s.job_id ORDER BY s.id"
             ).fetchall()
-        keys = ("ts", "job_id", "attempt_id", "provider", "usd", "kind", "sweep_id")
+        keys = ("ts", "job_id", "attempt_id", "provider", "usd", "kind", "sweep_id", "owner")
         return [dict(zip(keys, tuple(r), strict=True)) for r in rows]
 
     # -- sweeps -------------------------------------------------------------------------------

@@ -27,6 +27,26 @@ class InvalidTransition(StoreError):
     """The row is not in a state that allows the change; nothing was written."""
 
 
+class TeamNotFound(StoreError):
+    """No team has that name."""
+
+
+class UserNotFound(StoreError):
+    """No user has that name."""
+
+
+class TokenNotFound(StoreError):
+    """No API token has that id."""
+
+
+class AccountExists(StoreError):
+    """A team or user of that name (compared case-insensitively) already exists; nothing was written."""
+
+
+class InvalidAccount(StoreError):
+    """A bad account value: a name, role, budget, expiry or note; or a token for a disabled user.
+    Nothing was written."""
+
 
 @dataclass(frozen=True, slots=True)
 class JobRow:
@@ -53,6 +73,7 @@ class JobRow:
     not_before: float
     wait_code: str | None = None  # why a queued job waits (orchestrator.decide.Code), None when it does not
     wait_until: float | None = None  # when it is looked at again for that reason (None: whenever things change)
+    owner: str | None = None  # the user who submitted it; None: the one-person embedded default (no account)
 
     @property
     def terminal(self) -> bool:
@@ -86,6 +107,7 @@ class AttemptRow:
     stop_reason: str | None = None  # the daemon asked it to save and stop (e.g. "budget: ...")
     stop_requested_at: float | None = None
     billed_from: float | None = None  # when the provider started billing it (its launch call ran); None: created_at
+    owner: str | None = None  # its job's owner, copied when the attempt was created
 
     @property
     def billing_start(self) -> float:
@@ -95,6 +117,36 @@ class AttemptRow:
     @property
     def live(self) -> bool:
         return self.state in LIVE_ATTEMPT_STATES
+
+
+@dataclass(frozen=True, slots=True)
+class UserRow:
+    """One row of ``users``: a person (or service) who owns jobs and holds API tokens."""
+
+    name: str
+    team: str
+    role: str  # "admin" (sees and acts on everything) or "member" (acts on own jobs, sees the team's)
+    monthly_usd: float | None  # this user's monthly cap; None: no cap of their own
+    created_at: float
+    disabled: bool  # a disabled user's tokens stop working at once
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRow:
+    """One API token, without its secret: neither the plaintext nor its hash ever leave the store."""
+
+    id: str
+    user: str
+    prefix: str  # the plaintext's first characters, so a person can tell their tokens apart
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+    last_used_at: float | None  # updated at most once a minute
+    note: str
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +185,7 @@ def job_row(r: sqlite3.Row) -> JobRow:
         not_before=r["not_before"],
         wait_code=r["wait_code"],
         wait_until=r["wait_until"],
+        owner=r["owner"],
     )
 
 
@@ -162,6 +215,31 @@ def attempt_row(r: sqlite3.Row) -> AttemptRow:
         stop_reason=r["stop_reason"],
         stop_requested_at=r["stop_requested_at"],
         billed_from=r["billed_from"],
+        owner=r["owner"],
+    )
+
+
+def user_row(r: sqlite3.Row) -> UserRow:
+    return UserRow(
+        name=r["name"],
+        team=r["team"],
+        role=r["role"],
+        monthly_usd=r["monthly_usd"],
+        created_at=r["created_at"],
+        disabled=r["disabled_at"] is not None,
+    )
+
+
+def token_row(r: sqlite3.Row) -> TokenRow:
+    return TokenRow(
+        id=r["id"],
+        user=r["user_name"],
+        prefix=r["prefix"],
+        created_at=r["created_at"],
+        expires_at=r["expires_at"],
+        revoked_at=r["revoked_at"],
+        last_used_at=r["last_used_at"],
+        note=r["note"],
     )
 
 

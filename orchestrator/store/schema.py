@@ -220,10 +220,46 @@ MIGRATIONS: list[str] = [
     CREATE INDEX exposures_group ON exposures (provider, gpu, host);
     CREATE INDEX exposures_model ON exposures (base_model, method, ts);
     """,
+    # v8: accounts for a team server (orchestrator.store.accounts): teams, users with a role, API
+    # tokens stored as sha256 hex only; every job, attempt and spend row records its owner (NULL:
+    # the one-person embedded default, which has no account).
+    """
+    CREATE TABLE teams (
+        name        TEXT PRIMARY KEY,
+        monthly_usd REAL NULL,
+        created_at  REAL NOT NULL
+    );
+    CREATE TABLE users (
+        name        TEXT PRIMARY KEY,
+        team        TEXT NOT NULL REFERENCES teams (name),
+        role        TEXT NOT NULL CHECK (role IN ('admin', 'member')),
+        monthly_usd REAL NULL,
+        created_at  REAL NOT NULL,
+        disabled_at REAL NULL
+    );
+    CREATE INDEX users_team ON users (team);
+    CREATE TABLE tokens (
+        id           TEXT PRIMARY KEY,
+        user_name    TEXT NOT NULL REFERENCES users (name),
+        hash         TEXT NOT NULL UNIQUE,
+        prefix       TEXT NOT NULL,
+        created_at   REAL NOT NULL,
+        expires_at   REAL NULL,
+        revoked_at   REAL NULL,
+        last_used_at REAL NULL,
+        note         TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX tokens_user ON tokens (user_name, created_at);
+    ALTER TABLE jobs ADD COLUMN owner TEXT NULL REFERENCES users (name);
+    ALTER TABLE attempts ADD COLUMN owner TEXT NULL;
+    ALTER TABLE spend ADD COLUMN owner TEXT NULL;
+    CREATE INDEX jobs_owner ON jobs (owner, created_at);
+    CREATE INDEX spend_owner_ts ON spend (owner, ts);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
-assert SCHEMA_VERSION == 7
+assert SCHEMA_VERSION == 8
 
 
 def split_sql(script: str) -> Iterator[str]:
