@@ -11,15 +11,19 @@ from typing import Any
 from infra.config import Config
 
 
-def submit_spec(store, spec, config: Config, priority: int | None = None, progress=None) -> str:
+def submit_spec(store, spec, config: Config, priority: int | None = None, progress=None,
+                owner: str | None = None) -> str:
     """Queue a validated JobSpec. The checkpoint store is fixed at submit time (default filled in),
     so every attempt of the job, wherever it runs, reads and writes the same place; the job's local
     inputs are uploaded there first (``jobs.inputs``), so nothing it needs stays in the user's
-    folder. Raises ``InputError``/``StorageError`` before anything is queued."""
+    folder. Raises ``InputError``/``StorageError`` before anything is queued. ``owner``: the user
+    it is queued for (None: the embedded default, no account)."""
     doc = spec.to_payload_dict()
     doc["checkpoint"]["store"] = doc["checkpoint"].get("store") or config.default_store
     doc = stage_inputs(doc, progress)
-    return store.submit(doc, name=spec.display_name, priority=spec.priority if priority is None else priority)
+    extra = {} if owner is None else {"owner": owner}
+    return store.submit(doc, name=spec.display_name, priority=spec.priority if priority is None else priority,
+                        **extra)
 
 
 def stage_inputs(doc: dict[str, Any], progress=None) -> dict[str, Any]:
@@ -33,7 +37,8 @@ def stage_inputs(doc: dict[str, Any], progress=None) -> dict[str, Any]:
 
 
 def job_summary(store, job, now: float | None = None) -> dict[str, Any]:
-    """The machine-readable status of one job (``tunefleet status JOB --json``)."""
+    """The machine-readable status of one job (``tunefleet status JOB --json``). ``owner`` is there
+    only for a job that has one, so an embedded store's output keeps its shape."""
     now = now or time.time()
     attempts = store.attempts_for(job.id)
     live = next((a for a in attempts if a.live), None)
@@ -43,7 +48,7 @@ def job_summary(store, job, now: float | None = None) -> dict[str, Any]:
     started = min((a.started_at for a in attempts if a.started_at), default=None)
     ended = max((a.ended_at or now for a in attempts), default=None) if job.terminal else now
     last = attempts[-1] if attempts else None
-    return {
+    summary = {
         "id": job.id,
         "name": job.name,
         "state": job.state.value,
@@ -62,6 +67,10 @@ def job_summary(store, job, now: float | None = None) -> dict[str, Any]:
         "wait_until": job.wait_until,  # when it is looked at again for that reason (null: when things change)
         "created_at": job.created_at,
     }
+    owner = getattr(job, "owner", None)
+    if owner is not None:
+        summary["owner"] = owner
+    return summary
 
 
 def submit_sweep(store, path, config: Config) -> str:
