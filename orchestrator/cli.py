@@ -484,6 +484,7 @@ def report(
 # ---------------------------------------------------------------- providers / estimate / offers
 from orchestrator import cli_offers  # noqa: E402, F401 - registers its commands here, in this order
 from orchestrator import cli_pull  # noqa: E402, F401
+from orchestrator import cli_admin  # noqa: E402, F401 - `tunefleet admin team|user|token ...`
 
 
 # ---------------------------------------------------------------- daemon / demo
