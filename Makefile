@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@# torch first and pinned: an unpinned torch can pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	@# constraints.txt pins every other version (and click<8.2, which skypilot needs).
-	$(PY) -m pip install -q -c constraints.txt -e '.[train,local,s3,sky,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[train,local,s3,sky,server,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)

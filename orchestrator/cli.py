@@ -485,6 +485,7 @@ def report(
 from orchestrator import cli_offers  # noqa: E402, F401 - registers its commands here, in this order
 from orchestrator import cli_pull  # noqa: E402, F401
 from orchestrator import cli_admin  # noqa: E402, F401 - `tunefleet admin team|user|token ...`
+from orchestrator import cli_server  # noqa: E402, F401 - `tunefleet server`
 
 
 # ---------------------------------------------------------------- daemon / demo

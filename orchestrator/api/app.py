@@ -1,0 +1,186 @@
+"""The FastAPI application: limits, error shapes, metrics, and the routes under ``/api/v1``.
+
+- ``/healthz`` (no token): the store answers and its schema version; ``/metrics`` (no token,
+  Prometheus text format): queue depth by state, live attempts by provider, spend, preemptions,
+  HTTP requests and their latency by route. Neither holds a secret or a job's content.
+- ``/openapi.json`` is the contract; ``/docs`` renders it.
+- Bodies over ``max_body_bytes`` are refused with 413 before they are read whole.
+- Errors are JSON ``{"detail": ...}``: 401 unauthenticated, 404 unknown (or not yours to see), 409
+  refused in the job's state, 413 too large, 422 bad input (a job file's problems listed with key
+  path, line and message, as ``tunefleet validate`` prints them), 429 rate limited. An unexpected
+  error is a 500 with an id to look up in the server log, never a traceback in the body.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from infra.config import Config
+from orchestrator.api.auth import Access, RateLimiter
+
+API_VERSION = "v1"
+MAX_BODY_BYTES = 64 << 20
+
+log = logging.getLogger("tunefleet.server")
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over ``limit`` bytes (by Content-Length, or counted as it
+    streams in), before a route reads it."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await _too_large(self.limit, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            return await self.app(scope, counted, send)
+        except _BodyTooLarge:
+            return await _too_large(self.limit, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _too_large(limit: int, send) -> None:
+    body = JSONResponse({"detail": f"request body over {limit >> 20} MiB; large datasets belong in an s3:// "
+                                   "checkpoint store the job names"}, status_code=413)
+    await send({"type": "http.response.start", "status": 413, "headers": body.raw_headers})
+    await send({"type": "http.response.body", "body": body.body})
+
+
+class Metrics:
+    """Request counts and latency by route template and status (in memory, per process)."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.seconds: dict[str, tuple[int, float]] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        n, total = self.seconds.get(route, (0, 0.0))
+        self.seconds[route] = (n + 1, total + seconds)
+
+
+def create_app(config: Config, store, *, max_body_bytes: int = MAX_BODY_BYTES, rate: float = 20.0,
+               burst: int = 40) -> FastAPI:
+    """The API over ``store`` (an open :class:`orchestrator.store.Store`, shared by all requests)."""
+    from orchestrator.api import jobs
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+
+    app = FastAPI(title="tunefleet", version=API_VERSION, lifespan=lifespan,
+                  description="Fine-tuning jobs on the cheapest capacity that can do them: the CLI's "
+                              "commands over HTTP. Authenticate with `Authorization: Bearer <token>`.")
+    app.state.config = config
+    app.state.store = store
+    app.state.access = Access(store)
+    app.state.limiter = RateLimiter(rate, burst)
+    app.state.metrics = Metrics()
+    app.state.started = time.time()
+    app.include_router(jobs.router, prefix=f"/api/{API_VERSION}")
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        app.state.metrics.observe(request.method, getattr(route, "path", "(unmatched)"), response.status_code,
+                                  time.perf_counter() - t0)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError):
+        return JSONResponse({"detail": [_field_error(e) for e in exc.errors()]}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        ref = uuid.uuid4().hex[:12]
+        log.error("unexpected error %s on %s %s: %s", ref, request.method, request.url.path, type(exc).__name__,
+                  exc_info=exc)
+        return JSONResponse({"detail": f"internal error {ref}; the server log has the details"}, status_code=500)
+
+    @app.get("/healthz", tags=["server"])
+    def healthz() -> dict[str, Any]:
+        """The store answers: its schema version and how many jobs it holds."""
+        counts = store.count_jobs_by_state()
+        return {"ok": True, "version": API_VERSION, "schema": store.schema_version(),
+                "jobs": sum(counts.values()), "uptime_s": round(time.time() - app.state.started, 1)}
+
+    @app.get("/metrics", tags=["server"], response_class=PlainTextResponse)
+    def metrics() -> str:
+        """Prometheus text format."""
+        return render_metrics(store, app.state.metrics)
+
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    return app
+
+
+def _field_error(e: dict[str, Any]) -> dict[str, Any]:
+    """A request-validation error without the input it was given (which may hold a secret)."""
+    return {"loc": ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body",
+            "line": None, "message": str(e.get("msg", "invalid"))}
+
+
+def render_metrics(store, http: Metrics) -> str:
+    from orchestrator.states import JobState
+
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[dict[str, str], float]]) -> None:
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            tag = ",".join(f'{k}="{_label(v)}"' for k, v in sorted(labels.items()))
+            lines.append(f"{name}{{{tag}}} {value:g}" if tag else f"{name} {value:g}")
+
+    counts = store.count_jobs_by_state()
+    metric("tunefleet_jobs", "gauge", "Jobs by state.", [({"state": s.value}, counts.get(s, 0)) for s in JobState])
+    live: dict[str, int] = {}
+    for a in store.live_attempts():
+        live[a.provider] = live.get(a.provider, 0) + 1
+    metric("tunefleet_live_attempts", "gauge", "Attempts launched and not ended, by provider.",
+           [({"provider": p}, n) for p, n in sorted(live.items())])
+    metric("tunefleet_spend_usd_total", "counter", "Dollars recorded in the spend ledger.",
+           [({}, store.spend_since(0.0))])
+    metric("tunefleet_preemptions_total", "counter", "Attempts that ended interrupted (reclaimed or preempted).",
+           [({}, store.count_preemptions())])
+    metric("tunefleet_http_requests_total", "counter", "HTTP requests by method, route and status.",
+           [({"method": m, "route": r, "status": str(s)}, n) for (m, r, s), n in sorted(http.requests.items())])
+    metric("tunefleet_http_request_seconds_sum", "counter", "Seconds spent answering, by route.",
+           [({"route": r}, t) for r, (_, t) in sorted(http.seconds.items())])
+    metric("tunefleet_http_request_seconds_count", "counter", "Requests answered, by route.",
+           [({"route": r}, n) for r, (n, _) in sorted(http.seconds.items())])
+    return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -1,0 +1,74 @@
+"""``tunefleet server``: the team server (HTTP API on uvicorn) over this machine's store.
+
+By default it also runs the daemon beside it, as a child process it starts and stops with itself
+(the daemon is the one loop that places and watches; ``--no-daemon`` when it runs elsewhere against
+the same store). TLS: uvicorn's own ``--ssl-certfile``/``--ssl-keyfile``, or a reverse proxy in
+front (then keep the default ``--host 127.0.0.1``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from orchestrator.cli_base import CliError, _config, _store, app, err
+
+DAEMON_STOP_S = 60.0
+
+
+@app.command()
+def server(
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8477,
+    daemon: Annotated[bool, typer.Option("--daemon/--no-daemon", help="Run the daemon beside the server.")] = True,
+    max_body_mb: Annotated[int, typer.Option(help="Largest request body (a job with its files), MiB.",
+                                             min=1, max=4096)] = 64,
+    rate: Annotated[float, typer.Option(help="Requests a second per token (0: no limit).", min=0)] = 20.0,
+    burst: Annotated[int, typer.Option(help="Requests at once per token.", min=1)] = 40,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="Serve HTTPS with this certificate (PEM).")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="...and this private key (PEM).")] = None,
+) -> None:
+    """Serve the API (/api/v1, /openapi.json, /healthz, /metrics) to the team, behind tokens."""
+    import uvicorn
+
+    from orchestrator.api.app import create_app
+
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise CliError("give both --ssl-certfile and --ssl-keyfile, or neither", 2)
+    config = _config()
+    with _store(config) as store:
+        api = create_app(config, store, max_body_bytes=max_body_mb << 20, rate=rate, burst=burst)
+        child = _start_daemon() if daemon else None
+        scheme = "https" if ssl_certfile else "http"
+        err.print(f"tunefleet server on {scheme}://{host}:{port} (store {config.db_path}; daemon "
+                  f"{'pid ' + str(child.pid) if child else 'not started here'})")
+        try:
+            uvicorn.run(api, host=host, port=port, log_level="info", access_log=True,
+                        ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
+                        ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None)
+        finally:
+            if child is not None:
+                _stop_daemon(child)
+
+
+def _start_daemon() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "daemon"], env=os.environ.copy(),
+                            stdin=subprocess.DEVNULL)
+
+
+def _stop_daemon(child: subprocess.Popen) -> None:
+    """SIGTERM (the daemon stops in order), then SIGKILL past ``DAEMON_STOP_S``."""
+    if child.poll() is not None:
+        return
+    child.send_signal(signal.SIGTERM)
+    try:
+        child.wait(timeout=DAEMON_STOP_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
