@@ -8,7 +8,6 @@ Exit codes: 0 ok; 1 operational error (unknown job, invalid transition, locked d
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
 from pathlib import Path
@@ -212,21 +211,19 @@ def _watch(store, job_id: str) -> None:
 @app.command()
 def events(job: str, json_out: JsonOpt = False) -> None:
     """The job's timeline: every transition, with its reason and figures."""
+    from orchestrator.views import events_view
+
     config = _config()
     with _store(config) as store:
-        job_id = _job_id(store, job)
-        rows = store.events(job_id)
+        rows = events_view(store, _job_id(store, job))
     if json_out:
-        _emit_json([
-            {"id": e.id, "ts": e.ts, "kind": e.kind, "attempt_id": e.attempt_id, "message": e.message, "data": e.data}
-            for e in rows
-        ])
+        _emit_json(rows)
         return
     table = Table(box=None, header_style="bold")
     for col in ("TIME", "ATTEMPT", "EVENT", "MESSAGE"):
         table.add_column(col, overflow="fold")
     for e in rows:
-        table.add_row(time.strftime("%H:%M:%S", time.localtime(e.ts)), e.attempt_id or "", e.kind, e.message)
+        table.add_row(time.strftime("%H:%M:%S", time.localtime(e["ts"])), e["attempt_id"] or "", e["kind"], e["message"])
     console.print(table)
 
 
@@ -293,20 +290,20 @@ def _print_log(a) -> None:
 @app.command()
 def cancel(job: str, json_out: JsonOpt = False) -> None:
     """Cancel a job: at once if queued; a running attempt is stopped by the daemon."""
-    from orchestrator.store import InvalidTransition
+    from orchestrator.views import ViewError, cancel_job
 
     config = _config()
     with _store(config) as store:
         job_id = _job_id(store, job)
         try:
-            row = store.request_cancel(job_id)
-        except InvalidTransition as exc:
-            raise CliError(str(exc)) from None
-    msg = "cancelled" if row.state is JobState.CANCELLED else "cancel requested; the daemon stops the running attempt"
+            out = cancel_job(store, job_id)
+        except ViewError as exc:
+            raise CliError(exc.message, exc.code) from None
     if json_out:
-        _emit_json({"id": job_id, "state": row.state.value, "cancel_requested": row.cancel_requested})
+        _emit_json(out)
     else:
-        console.print(f"{job_id}: {msg}")
+        console.print(f"{job_id}: " + ("cancelled" if out["state"] == JobState.CANCELLED.value else
+                                       "cancel requested; the daemon stops the running attempt"))
 
 
 @app.command()
@@ -318,19 +315,20 @@ def preempt(
     json_out: JsonOpt = False,
 ) -> None:
     """Interrupt a running attempt as a spot reclaim would (drills, demos, tests). Says which attempt."""
-    from orchestrator.store import InvalidTransition
+    from orchestrator.views import ViewError, preempt_job
 
     config = _config()
     with _store(config) as store:
         job_id = _job_id(store, job)
         try:
-            att = store.request_preempt(job_id, hard=hard, seq=attempt)
-        except InvalidTransition as exc:
-            raise CliError(str(exc)) from None
+            out = preempt_job(store, job_id, hard=hard, seq=attempt)
+        except ViewError as exc:
+            raise CliError(exc.message, exc.code) from None
     if json_out:
-        _emit_json({"id": job_id, "attempt_id": att.id, "mode": "hard" if hard else "soft"})
+        _emit_json(out)
     else:
-        console.print(f"{job_id}: {'SIGKILL' if hard else 'SIGTERM'} requested for attempt {att.seq}; the daemon delivers it")
+        console.print(f"{job_id}: {'SIGKILL' if hard else 'SIGTERM'} requested for attempt {out['seq']}; "
+                      "the daemon delivers it")
 
 
 @app.command()
@@ -340,25 +338,17 @@ def resume(
     json_out: JsonOpt = False,
 ) -> None:
     """Queue a job stopped by its budget again (from its newest checkpoint), optionally raising its cap."""
-    from orchestrator.store import InvalidTransition
+    from orchestrator.views import ViewError, resume_job
 
     config = _config()
     with _store(config) as store:
         job_id = _job_id(store, job)
-        row = store.get_job(job_id)
-        spec = dict(row.spec)
-        if max_usd is not None:
-            if not math.isfinite(max_usd) or max_usd > 10_000_000:
-                raise CliError(f"--max-usd must be a finite amount of dollars up to 10,000,000, not {max_usd}", 2)
-            if max_usd <= row.cost_usd:
-                raise CliError(f"--max-usd {usd(max_usd)} is not above the {usd(row.cost_usd)} already spent", 2)
-            spec["policy"] = {**(spec.get("policy") or {}), "max_usd": max_usd}
         try:
-            row = store.resume_stopped(job_id, spec)
-        except InvalidTransition as exc:
-            raise CliError(str(exc)) from None
+            out = resume_job(store, job_id, max_usd)
+        except ViewError as exc:
+            raise CliError(exc.message, exc.code) from None
     if json_out:
-        _emit_json({"id": job_id, "state": row.state.value, "max_usd": (spec.get("policy") or {}).get("max_usd")})
+        _emit_json(out)
     else:
         console.print(f"{job_id}: queued again; it resumes from its newest checkpoint")
 
@@ -369,23 +359,15 @@ def spend(
     json_out: JsonOpt = False,
 ) -> None:
     """The spend ledger: what was paid, by job, sweep, provider or day, against the monthly budget."""
-    from orchestrator.budget import month_start
+    from orchestrator.views import ViewError, spend_view
 
-    if by not in ("job", "sweep", "provider", "day"):
-        raise CliError(f"--by must be job, sweep, provider or day, not {by!r}", 2)
     config = _config()
     with _store(config) as store:
-        rows = store.spend_rows()
-        month = store.spend_since(month_start(time.time()))
-    groups: dict[str, float] = {}
-    for r in rows:
-        key = {"job": r["job_id"], "sweep": r["sweep_id"] or "-", "provider": r["provider"],
-               "day": time.strftime("%Y-%m-%d", time.gmtime(r["ts"]))}[by]
-        groups[key] = groups.get(key, 0.0) + r["usd"]
-    total = sum(groups.values())
-    summary = {"by": by, "groups": [{"key": k, "usd": round(v, 6)} for k, v in sorted(groups.items())],
-               "total_usd": round(total, 6), "this_month_usd": round(month, 6),
-               "monthly_budget_usd": config.budget_monthly_usd}
+        try:
+            summary = spend_view(store, config, by)
+        except ViewError as exc:
+            raise CliError(exc.message, exc.code) from None
+    total, month = summary["total_usd"], summary["this_month_usd"]
     if json_out:
         _emit_json(summary)
         return

@@ -38,15 +38,13 @@ def events_view(store, job_id: str, after_id: int = 0) -> list[dict[str, Any]]:
 
 def cancel_job(store, job_id: str) -> dict[str, Any]:
     """Cancel at once if queued; a running attempt is stopped by the daemon (``tunefleet cancel``)."""
-    from orchestrator.states import JobState
     from orchestrator.store import InvalidTransition
 
     try:
         row = store.request_cancel(job_id)
     except InvalidTransition as exc:
         raise ViewError(str(exc)) from None
-    return {"id": job_id, "state": row.state.value, "cancel_requested": row.cancel_requested,
-            "cancelled": row.state is JobState.CANCELLED}
+    return {"id": job_id, "state": row.state.value, "cancel_requested": row.cancel_requested}
 
 
 def preempt_job(store, job_id: str, *, hard: bool = False, seq: int | None = None) -> dict[str, Any]:
