@@ -60,7 +60,7 @@ def preempt_job(store, job_id: str, *, hard: bool = False, seq: int | None = Non
 
 def resume_job(store, job_id: str, max_usd: float | None = None) -> dict[str, Any]:
     """Queue a job stopped by its budget again, optionally raising its cap (``tunefleet resume``)."""
-    from orchestrator.spending import usd
+    from orchestrator.budget import usd
     from orchestrator.store import InvalidTransition
 
     row = store.get_job(job_id)
