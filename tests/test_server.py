@@ -265,3 +265,24 @@ def test_fuzzed_bodies_never_500_and_never_half_queue(world, payload):
         assert r.status_code in (201, 422), (r.status_code, r.text)
         after = len(s.client(t["ann"]).get("/jobs", params={"limit": 100000}).json())
         assert after == before + (r.status_code == 201)
+
+
+def test_a_chunked_body_past_the_limit_is_413_not_500(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    with Store(home / "state.db") as store:
+        store.create_team("t")
+        store.create_user("u", "t")
+        token = store.create_token("u")[1]
+    server = Server(home, "--max-body-mb", "1")
+    try:
+        def chunks():  # no Content-Length: the limit is counted as the body streams in
+            yield b'{"yaml": "'
+            for _ in range(40):
+                yield b"x" * (64 << 10)
+            yield b'"}'
+
+        r = server.client(token).post("/jobs", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "--max-body-mb" in r.json()["detail"]
+    finally:
+        server.stop()

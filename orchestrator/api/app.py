@@ -33,8 +33,8 @@ log = logging.getLogger("tunefleet.server")
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for a body over ``limit`` bytes (by Content-Length, or counted as it
-    streams in), before a route reads it."""
+    """ASGI middleware: 413 for a body over ``limit`` bytes, by Content-Length or, for a chunked
+    body, counted as it arrives, before any route sees it (the body is read here and handed on)."""
 
     def __init__(self, app, limit: int) -> None:
         self.app = app
@@ -46,30 +46,38 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await _too_large(self.limit, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+        if declared is not None:  # the server (h11) stops a body at its declared length
+            return await self.app(scope, receive, send)
+        parts, seen = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away
+            parts.append(message.get("body", b""))
+            seen += len(parts[-1])
+            if seen > self.limit:
+                return await _too_large(self.limit, send)
+            if not message.get("more_body"):
+                break
+        body = b"".join(parts)
+        replayed = False
 
-        try:
-            return await self.app(scope, counted, send)
-        except _BodyTooLarge:
-            return await _too_large(self.limit, send)
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+def _too_large_message(limit: int) -> str:
+    return f"request body over {limit >> 20} MiB (the server's --max-body-mb)"
 
 
 async def _too_large(limit: int, send) -> None:
-    body = JSONResponse({"detail": f"request body over {limit >> 20} MiB; large datasets belong in an s3:// "
-                                   "checkpoint store the job names"}, status_code=413)
+    body = JSONResponse({"detail": _too_large_message(limit)}, status_code=413)
     await send({"type": "http.response.start", "status": 413, "headers": body.raw_headers})
     await send({"type": "http.response.body", "body": body.body})
 
