@@ -211,14 +211,19 @@ def test_a_job_may_not_read_the_servers_files_or_write_its_disk(world):
     assert store.status_code == 422 and "checkpoint.store" in store.text
 
 
-def test_body_size_limit_and_rate_limit(tmp_path):
+def one_user_server(tmp_path: Path, *args: str) -> tuple[Server, str]:
+    """A server of its own (started with ``args``) and the token of its one user."""
     home = tmp_path / "home"
     home.mkdir()
     with Store(home / "state.db") as store:
         store.create_team("t")
         store.create_user("u", "t")
         token = store.create_token("u")[1]
-    server = Server(home, "--max-body-mb", "1", "--rate", "1", "--burst", "3")
+    return Server(home, *args), token
+
+
+def test_body_size_limit_and_rate_limit(tmp_path):
+    server, token = one_user_server(tmp_path, "--max-body-mb", "1", "--rate", "1", "--burst", "3")
     try:
         c = server.client(token)
         big = c.post("/jobs", json=body(files={"data/train.jsonl": b"x" * (2 << 20)}))
@@ -268,13 +273,7 @@ def test_fuzzed_bodies_never_500_and_never_half_queue(world, payload):
 
 
 def test_a_chunked_body_past_the_limit_is_413_not_500(tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
-    with Store(home / "state.db") as store:
-        store.create_team("t")
-        store.create_user("u", "t")
-        token = store.create_token("u")[1]
-    server = Server(home, "--max-body-mb", "1")
+    server, token = one_user_server(tmp_path, "--max-body-mb", "1")
     try:
         def chunks():  # no Content-Length: the limit is counted as the body streams in
             yield b'{"yaml": "'
