@@ -4,6 +4,8 @@ what the daemon would do with it now (the same ``decide`` on the same inputs).""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,38 +22,11 @@ from orchestrator.cli_base import JsonOpt, _config, _emit_json, _load, _store, a
 def providers(json_out: JsonOpt = False) -> None:
     """Every provider: enabled or not, why, whether the daemon can launch there, its price source, and
     how the daemon last found it (backing off after errors, or disabled a while)."""
-    from providers.registry import PROVIDERS, build_providers
+    from orchestrator.views_fleet import providers_view
 
     config = _config()
-    built, broken = build_providers(config, light=True)
-    health: dict[str, dict[str, Any]] = {}
-    learned: list[dict[str, Any]] = []
-    if config.db_path.is_file():
-        with _store(config) as store:
-            health = store.provider_health()
-            learned = _learned_rows(store)
-    now = time.time()
-    rows = []
-    for name in PROVIDERS:
-        h = health.get(name)
-        daemon = None
-        if h is not None:
-            active = h["state"] != "ok" and (h["until"] or 0) > now
-            daemon = {"state": h["state"] if active else "ok", "until": h["until"] if active else None,
-                      "reason": h["reason"], "failures": h["failures"], "seen_at": h["updated_at"]}
-        if name in broken:
-            rows.append({"provider": name, "enabled": False, "launchable": False, "reason": broken[name],
-                         "daemon": daemon})
-            continue
-        prov = built[name]
-        try:
-            enabled, reason = prov.check()
-        except Exception as exc:  # check() must not raise; if it does, report it
-            enabled, reason = False, f"check failed: {exc}"
-        rows.append({"provider": name, "enabled": enabled, "launchable": prov.launchable, "reason": reason,
-                     "daemon": daemon})
-    for r in rows:
-        r["learned"] = [x for x in learned if x["provider"] == r["provider"]]
+    with _existing_store(config) as store:
+        rows, learned = providers_view(config, store)
     if json_out:
         _emit_json(rows)
         return
@@ -76,59 +51,36 @@ def providers(json_out: JsonOpt = False) -> None:
         console.print(t)
 
 
-def _learned_rows(store, hosts: int = 5) -> list[dict[str, Any]]:
-    """Per (provider, GPU), and for its ``hosts`` riskiest hosts: the hours observed, interruptions,
-    and the mean advertised vs learned hazard over those hours (``orchestrator.learning``)."""
-    from orchestrator.learning import MarketModel
-
-    model = MarketModel(store.exposure_tallies())
-    out = []
-    for provider, gpu, t, factor in model.groups():
-        adv = t.expected / t.hours if t.hours else 0.0
-        out.append({"provider": provider, "gpu": gpu, "host": "", "attempts": t.attempts, "hours": round(t.hours, 3),
-                    "interruptions": t.interruptions, "advertised_per_hour": round(adv, 5),
-                    "learned_per_hour": round(adv * factor, 5), "factor": round(factor, 4)})
-        mine = []
-        for p, g, host, h in model.hosts():
-            if (p, g) != (provider, gpu) or not h.hours:
-                continue
-            f = model.host_factor(h, factor)
-            a = h.expected / h.hours
-            mine.append({"provider": p, "gpu": g, "host": host, "attempts": h.attempts, "hours": round(h.hours, 3),
-                         "interruptions": h.interruptions, "advertised_per_hour": round(a, 5),
-                         "learned_per_hour": round(a * f, 5), "factor": round(f, 4)})
-        out += sorted(mine, key=lambda x: -x["factor"])[:hosts]
-    return out
+@contextmanager
+def _existing_store(config: Config) -> Iterator[Any]:
+    """The store if this machine has one, else None (reading must not create one)."""
+    if not config.db_path.is_file():
+        yield None
+        return
+    with _store(config) as store:
+        yield store
 
 
 def _spec_and_estimate(job_file: Path):
     """The validated job and its estimate, calibrated by throughput measured on earlier runs."""
-    from jobs.estimate import estimate
+    from orchestrator.views_fleet import calibrated_estimate
 
     spec = _load(job_file)
     config = _config()
-    calibration: dict[str, float] = {}
-    if config.db_path.is_file():
-        with _store(config) as store:
-            calibration = store.calibration(spec.base_model, spec.adapter or "full")
-    return spec, estimate(spec, calibration)
+    with _existing_store(config) as store:
+        return spec, calibrated_estimate(spec, store)
 
 
 @app.command()
 def estimate(job_file: Path, json_out: JsonOpt = False) -> None:
     """VRAM, tokens, and hours and cost on each GPU model, before anything is rented."""
-    from jobs.gpus import GPUS
+    from orchestrator.views_fleet import estimate_view
 
     spec, est = _spec_and_estimate(job_file)
-    gpus = max(1, spec.resources.gpus)
-    rows = []
-    for name, info in GPUS.items():
-        hours = est.hours(name, 0 if name == "cpu" else gpus)
-        fits = name == "cpu" or info.vram_gb >= est.vram_gb
-        rows.append({"gpu": name, "count": 0 if name == "cpu" else gpus, "vram_gb": info.vram_gb,
-                     "fits": fits, "hours": round(hours, 4) if hours is not None else None})
+    view = estimate_view(spec, est)
+    rows = view["gpus"]
     if json_out:
-        _emit_json({"estimate": est.to_dict(), "gpus": rows})
+        _emit_json(view)
         return
     d = est.to_dict()
     console.print(
@@ -156,27 +108,15 @@ def offers(
 ) -> None:
     """Every provider's offers for a job, ranked by expected cost of the completed job, and what the
     daemon would do with it now (the same decision function, on the same inputs)."""
-    from providers.registry import build_providers, gather_offers
+    from orchestrator.views_fleet import offers_view
 
     spec, est = _spec_and_estimate(job_file)
     config = _config()
-    doc = spec.to_payload_dict()
-    doc["checkpoint"]["store"] = doc["checkpoint"].get("store") or config.default_store  # as submit fills it
-    built, broken = build_providers(config, spec.policy.providers, light=True)
-    result = gather_offers(built, doc, est)
-    problems = {**broken, **result.problems}
-    disabled = {n: why for n, why in problems.items() if n in broken or n in result.unavailable}
-    down = {n: why for n, why in problems.items() if n not in disabled}
-    d = _decision(config, doc, est, result.offers, built, down, disabled)
-    # the default: viable offers with a checked price; --all adds placeholders and rejections
-    shown = [p for p in d.placements if show_all or (p.viable and not p.offer.placeholder)]
-    hidden = sum(1 for p in d.placements if p.viable and p.offer.placeholder) if not show_all else 0
+    with _existing_store(config) as store:
+        view = offers_view(config, store, spec, est, show_all)
+    d, shown, hidden, problems = view.decision, view.shown, view.hidden, view.problems
     if json_out:
-        _emit_json({"decision": d.to_dict(),
-                    "offers": [{**p.to_dict(), "launchable_now": (p.offer.provider, p.offer.offer_id) in d.ready}
-                               for p in shown],
-                    "hidden_placeholder_offers": hidden,
-                    "problems": problems})
+        _emit_json(view.to_dict())
         return
     table = Table(box=None, header_style="bold")
     cols = (["PROVIDER", "GPU", "$/H", "EST H", "EST $", "RISK"] + (["HAZARD /H"] if show_all else [])
@@ -216,41 +156,3 @@ def _hazard_text(o) -> str:
     if adv is None:
         return f"{o.hazard_per_hour:.3f}"
     return f"{o.hazard_per_hour:.3f} (adv {adv:.3f}, {o.detail('hazard_observations', 0)} obs)"
-
-
-def _decision(config: Config, spec: dict[str, Any], est, offers_list, built, problems, disabled):
-    """``decide`` with the inputs the daemon would use now: the store's caps and live attempts, the
-    providers' health as the daemon last saw it, and which providers can launch."""
-    from orchestrator.decide import JobView, Usage, decide
-    from orchestrator.learning import MarketModel
-    from orchestrator.spending import Caps
-
-    now = time.time()
-    down = {name: (why, None) for name, why in problems.items()}
-    disabled = dict(disabled)
-    live: list = []
-    caps: list = []
-    market = None
-    checkpoint_s = None
-    if config.db_path.is_file():
-        with _store(config) as store:
-            market = MarketModel(store.exposure_tallies())
-            checkpoint_s = store.checkpoint_cost(spec["base_model"], spec.get("adapter") or "full")
-            live = store.live_attempts()
-            records = {e.attempt_id: e.data for a in live for e in store.events(a.job_id)
-                       if e.kind == "attempt_created" and e.attempt_id == a.id}
-            cap = Caps(store, config.budget_monthly_usd,
-                       lambda a: float(records.get(a.id, {}).get("est_usd") or 0.0)).monthly(now, live)
-            caps = [cap] if cap is not None else []
-            for name, h in store.provider_health().items():
-                if h["state"] == "backoff" and (h["until"] or 0) > now:
-                    down.setdefault(name, (f"backing off: {h['reason']}", h["until"]))
-                elif h["state"] == "disabled" and (h["until"] or 0) > now:
-                    disabled.setdefault(name, h["reason"])
-    counts: dict[str, int] = {}
-    for a in live:
-        counts[a.provider] = counts.get(a.provider, 0) + 1
-    usage = Usage(live=counts, limits=dict(config.provider_limits), down=down, disabled=disabled,
-                  launchable=frozenset(n for n, p in built.items() if p.launchable),
-                  owned_tolerance=config.owned_tolerance, market=market)
-    return decide(JobView("(file)", spec, checkpoint_s=checkpoint_s), est, offers_list, caps, usage, now)

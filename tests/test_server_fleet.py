@@ -1,0 +1,185 @@
+"""The read API beyond jobs, over real HTTP: providers, estimate, offers and sweeps answer with what
+the CLI prints with ``--json`` for the same input, behind the same tokens and the same 422s; and the
+server load benchmark's smoke mode runs clean.
+
+alice and carol are in team "ml", bob in "nlp", ann is an admin. One sweep's trial jobs are alice's
+(her team sees it, bob gets 404); another was queued on the server machine without an account (an
+admin's only).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.store import Store
+from tests.test_cli import tf
+from tests.test_server import DATA, JOB, REPO, Server, body
+
+SWEEP = REPO / "examples" / "sweep-tiny.yaml"
+
+
+def _sweep(home: Path, owner: str | None) -> str:
+    sweep_id = json.loads(tf(home, "sweep", str(SWEEP), "--json", check=True).stdout)["id"]
+    if owner is not None:  # sweeps are queued from the server machine for now; give its trials an owner
+        with sqlite3.connect(home / "state.db") as c:
+            c.execute("UPDATE jobs SET owner = ? WHERE sweep_id = ?", (owner, sweep_id))
+    return sweep_id
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    home = tmp_path_factory.mktemp("fleet-home")
+    tokens = {}
+    with Store(home / "state.db") as store:
+        store.create_team("ml")
+        store.create_team("nlp")
+        for name, team, role in (("alice", "ml", "member"), ("carol", "ml", "member"), ("bob", "nlp", "member"),
+                                 ("ann", "ml", "admin")):
+            store.create_user(name, team, role)
+            tokens[name] = store.create_token(name)[1]
+    sweeps = {"alice": _sweep(home, "alice"), "nobody": _sweep(home, None)}
+    job_dir = tmp_path_factory.mktemp("fleet-job")
+    (job_dir / "data").mkdir()
+    (job_dir / "data" / "train.jsonl").write_bytes(DATA)
+    (job_dir / "job.yaml").write_text(JOB)
+    server = Server(home, "--rate", "0")
+    try:
+        yield {"server": server, "tokens": tokens, "home": home, "sweeps": sweeps, "job": job_dir / "job.yaml"}
+    finally:
+        server.stop()
+
+
+def cli_json(home: Path, *args: str):
+    return json.loads(tf(home, *args, "--json", check=True).stdout)
+
+
+def timeless(obj):
+    """``obj`` without what depends on the moment it was computed (an offer's finish time)."""
+    if isinstance(obj, dict):
+        return {k: timeless(v) for k, v in obj.items() if k != "finish_at"}
+    if isinstance(obj, list):
+        return [timeless(v) for v in obj]
+    return obj
+
+
+def test_providers_is_the_clis(fleet):
+    s, t = fleet["server"], fleet["tokens"]
+    r = s.client(t["bob"]).get("/providers")
+    assert r.status_code == 200, r.text
+    assert r.json() == cli_json(fleet["home"], "providers")
+    assert {row["provider"] for row in r.json()} >= {"local"}
+
+
+def test_estimate_is_the_clis(fleet):
+    s, t = fleet["server"], fleet["tokens"]
+    r = s.client(t["alice"]).post("/estimate", json=body())
+    assert r.status_code == 200, r.text
+    assert r.json() == cli_json(fleet["home"], "estimate", str(fleet["job"]))
+    assert r.json()["estimate"]["examples"] > 0
+
+
+@pytest.mark.parametrize("show_all", [False, True], ids=["default", "all"])
+def test_offers_is_the_clis(fleet, show_all):
+    s, t = fleet["server"], fleet["tokens"]
+    r = s.client(t["carol"]).post("/offers", json=body(), params={"all": show_all} if show_all else None)
+    assert r.status_code == 200, r.text
+    cli = cli_json(fleet["home"], "offers", str(fleet["job"]), *(["--all"] if show_all else []))
+    assert timeless(r.json()) == timeless(cli)
+    assert r.json()["decision"]["verdict"] == cli["decision"]["verdict"]
+    if show_all:
+        assert len(r.json()["offers"]) >= len(s.client(t["carol"]).post("/offers", json=body()).json()["offers"])
+
+
+def test_estimate_and_offers_queue_nothing_and_keep_no_upload(fleet):
+    s, t = fleet["server"], fleet["tokens"]
+    before = len(s.client(t["ann"]).get("/jobs", params={"limit": 100000}).json())
+    for path in ("/estimate", "/offers"):
+        assert s.client(t["alice"]).post(path, json=body()).status_code == 200
+    assert len(s.client(t["ann"]).get("/jobs", params={"limit": 100000}).json()) == before
+
+
+def test_sweep_status_is_the_clis_for_those_who_may_see_it(fleet):
+    s, t, sweeps, home = fleet["server"], fleet["tokens"], fleet["sweeps"], fleet["home"]
+    mine = sweeps["alice"]
+    cli = cli_json(home, "sweep", "status", mine)
+    for who in ("alice", "carol", "ann"):  # hers, her teammate's, an admin
+        r = s.client(t[who]).get(f"/sweeps/{mine}")
+        assert r.status_code == 200, (who, r.text)
+        assert r.json() == cli
+    assert len(cli["trials"]) == 4 and cli["id"] == mine
+
+
+def test_another_teams_sweep_is_404_like_one_that_does_not_exist(fleet):
+    s, t, sweeps = fleet["server"], fleet["tokens"], fleet["sweeps"]
+    gone = s.client(t["bob"]).get("/sweeps/sdeadbee")
+    theirs = s.client(t["bob"]).get(f"/sweeps/{sweeps['alice']}")
+    assert gone.status_code == theirs.status_code == 404
+    assert theirs.json()["detail"] == f"no sweep {sweeps['alice']!r}"
+    # a sweep queued without an account is an admin's; a prefix names no sweep and leaks no candidates
+    assert s.client(t["alice"]).get(f"/sweeps/{sweeps['nobody']}").status_code == 404
+    assert s.client(t["ann"]).get(f"/sweeps/{sweeps['nobody']}").status_code == 200
+    prefix = s.client(t["bob"]).get("/sweeps/s")
+    assert prefix.status_code == 404 and sweeps["alice"] not in prefix.text and sweeps["nobody"] not in prefix.text
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/providers"), ("POST", "/estimate"), ("POST", "/offers"),
+                                          ("GET", "/sweeps/{sweep}")])
+def test_401_without_a_valid_token(fleet, method, path):
+    s = fleet["server"]
+    for token in (None, "tf_" + "A" * 43):
+        r = s.client(token).request(method, path.format(sweep=fleet["sweeps"]["alice"]),
+                                    json=body() if method == "POST" else None)
+        assert r.status_code == 401, r.text
+        assert r.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("path", ["/estimate", "/offers"])
+def test_bad_job_file_gets_validates_messages(fleet, tmp_path, path):
+    s, t = fleet["server"], fleet["tokens"]
+    bad = JOB.replace("max_steps: 10", "max_steps: -3\npolicy:\n  spot: sometimes")
+    r = s.client(t["alice"]).post(path, json=body(bad))
+    assert r.status_code == 422
+    assert r.json() == s.client(t["alice"]).post("/jobs", json=body(bad)).json()  # the same 422 as a submit
+    got = {(p["loc"], p["line"]): p["message"] for p in r.json()["detail"]}
+    assert {loc for loc, _ in got} == {"max_steps", "policy.spot"}
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_bytes(DATA)
+    (tmp_path / "job.yaml").write_text(bad)
+    cli = tf(fleet["home"], "validate", str(tmp_path / "job.yaml")).stderr
+    for (loc, line), message in got.items():
+        assert f"job.yaml:{line}: {loc}: {message}" in cli, cli
+    # and what a submit refuses for the server's own files, these refuse too
+    server_file = JOB.replace("data/train.jsonl", str(REPO / "examples" / "data" / "alpaca-tiny.jsonl"))
+    r = s.client(t["alice"]).post(path, json=body(server_file, files={}))
+    assert r.status_code == 422 and "not among the uploaded files" in r.text
+
+
+def test_openapi_lists_the_fleet_routes(fleet):
+    import httpx
+
+    paths = httpx.get(fleet["server"].url + "/openapi.json").json()["paths"]
+    assert {"/api/v1/providers", "/api/v1/estimate", "/api/v1/offers", "/api/v1/sweeps/{sweep_id}"} <= set(paths)
+
+
+def test_server_load_benchmark_smoke():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.server_load", "--seconds", "5", "--clients", "20",
+                           "--json"], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout)
+    sqlite = r["backends"]["sqlite"]
+    assert r["backends"]["postgres"] == "not yet"
+    assert sqlite["errors"] == 0, sqlite["error_kinds"]
+    assert sqlite["answered"] > 0 and sqlite["throughput_rps"] > 0
+    assert set(sqlite["kinds"]) == {"status", "list", "submit"}
+    for k in ("n", "p50_ms", "p99_ms"):
+        assert k in sqlite["kinds"]["status"]
+    assert sqlite["kinds"]["status"]["n"] > 0
+    assert r["direct"]["errors"] == 0 and r["direct"]["status"]["n"] > 0
+    assert set(r["ratio_server_over_direct"]) == {"status_p50", "throughput"}
+    assert set(r["targets_met"]) == {"errors", "status_p99"} and r["targets_met"]["errors"] is True
