@@ -1,4 +1,5 @@
-"""Hard budget caps: per job (``policy.max_usd``), per sweep (``budget_usd``), global per month.
+"""Hard budget caps: per job (``policy.max_usd``), per sweep (``budget_usd``), global per month,
+and per user and per team per month (``users.monthly_usd``, ``teams.monthly_usd``: jobs with an owner).
 
 Why a separate pure module: the rule must be the same before a launch and while running, and it
 must be checkable without a daemon. The invariant it protects: *recorded spend never exceeds a
@@ -28,16 +29,29 @@ from enum import StrEnum
 
 @dataclass(frozen=True)
 class Cap:
-    scope: str  # "job j1234567", "sweep s1234567", "monthly budget"
+    scope: str  # "job j1234567", "sweep s1234567", "monthly budget", "user alice's monthly budget"
     limit_usd: float
     spent_usd: float  # recorded in the ledger
     running_usd: float = 0.0  # accrued by live attempts, not yet recorded
     committed_usd: float = 0.0  # what live attempts are still expected to spend
-    resets_at: float | None = None  # when ``spent_usd`` starts again from 0 (the monthly budget)
+    resets_at: float | None = None  # when ``spent_usd`` starts again from 0 (the monthly budgets)
+    rate_usd_per_h: float = 0.0  # what the live attempts it bounds cost together, per hour
+    kind: str = ""  # "job", "sweep", "monthly", "user", "team"
+    hint: str | None = None  # how to raise it, told to a job that waits for it (accounts' caps)
 
     @property
     def headroom(self) -> float:
         return self.limit_usd - self.spent_usd - self.running_usd - self.committed_usd
+
+
+def headroom(caps: list[Cap]) -> tuple[float, Cap | None]:
+    """What may still be spent under every cap at once: the smallest headroom (limit minus what is
+    recorded, accrued by live attempts and committed to them) and the cap that gives it; (inf,
+    None) when no cap applies."""
+    if not caps:
+        return math.inf, None
+    tight = min(caps, key=lambda c: c.headroom)
+    return tight.headroom, tight
 
 
 class Shortfall(StrEnum):
@@ -87,8 +101,10 @@ def launch_refusal(caps: list[Cap], est_usd: float | None) -> Refusal | None:
             kind = Shortfall.NEVER
         why = (
             f"{cap.scope}: {usd(cap.limit_usd)} cap, {usd(cap.spent_usd)} spent"
+            + (" this month" if cap.resets_at is not None else "")
             + (f", {usd(cap.running_usd + cap.committed_usd)} held by running attempts" if kind is Shortfall.HELD else "")
             + f"; this attempt is expected to cost {usd(need)}"
+            + (f"; {cap.hint}" if cap.hint and kind is not Shortfall.HELD else "")
         )
         return Refusal(cap, kind, why)
     return None

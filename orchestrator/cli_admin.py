@@ -5,6 +5,10 @@ administrator: nothing here asks for a token. Every listing takes ``--json``. A 
 (bad name, role, budget or duration; a name taken; an unknown team, user or token) exits 2 with
 one line saying why, and changes nothing.
 
+``admin user|team set-budget NAME --monthly-usd N`` (or ``--clear``) changes a monthly budget
+at once: the daemon reads it at every placement and budget check, so jobs waiting for it are placed
+again within seconds once it fits, and running ones are stopped (saved first) before it is crossed.
+
 A token's plaintext is printed once, by ``admin token create``, alone on stdout (so
 ``TOKEN=$(tunefleet admin token create alice)`` works); the notice that it will not be shown again
 goes to stderr. The store keeps only its sha256.
@@ -49,6 +53,8 @@ _DURATION_RE = re.compile(r"(?:\d{1,6}[smhdw])+")
 MAX_EXPIRY_S = 10 * 366 * 86400
 
 BudgetOpt = Annotated[float | None, typer.Option("--monthly-usd", help="Monthly budget in dollars (default: none).")]
+NewBudgetOpt = Annotated[float | None, typer.Option("--monthly-usd", help="The new monthly budget in dollars.")]
+ClearOpt = Annotated[bool, typer.Option("--clear", help="Remove the monthly budget (no cap of its own).")]
 
 
 @contextlib.contextmanager
@@ -149,6 +155,34 @@ def team_list(json_out: JsonOpt = False) -> None:
         console.print(_table(("NAME", "USERS", "MONTHLY", "CREATED"), rows), crop=False)
 
 
+def _new_budget(monthly_usd: float | None, clear: bool) -> float | None:
+    """--monthly-usd N or --clear, exactly one (CliError, exit 2, otherwise)."""
+    if (monthly_usd is None) == (not clear):
+        raise CliError("give the new budget as --monthly-usd N, or --clear to remove it; nothing was changed", 2)
+    return monthly_usd
+
+
+def _budget_note(monthly_usd: float | None) -> str:
+    if monthly_usd is None:
+        return "no monthly budget of its own now"
+    return (f"monthly budget {_money(monthly_usd)} (this calendar month, UTC; queued jobs waiting for it "
+            "are placed again within seconds if it now fits)")
+
+
+@team_app.command("set-budget")
+def team_set_budget(name: str, monthly_usd: NewBudgetOpt = None, clear: ClearOpt = False,
+                    json_out: JsonOpt = False) -> None:
+    """Set (or --clear) a team's monthly budget, shared by its users' jobs."""
+    budget = _new_budget(monthly_usd, clear)
+    with _store(_config()) as store, _refused():
+        store.set_team_budget(name, budget)
+        team = next(t for t in store.list_teams() if t["name"] == name)
+    if json_out:
+        _emit_json(team)
+    else:
+        console.print(f"team {_escape(name)}: {_budget_note(team['monthly_usd'])}", highlight=False)
+
+
 # ---------------------------------------------------------------- users
 @user_app.command("create")
 def user_create(
@@ -195,6 +229,19 @@ def user_disable(name: str, json_out: JsonOpt = False) -> None:
         _emit_json(user_dict(user))
     else:
         console.print(f"user {_escape(user.name)} disabled; their tokens no longer work", highlight=False)
+
+
+@user_app.command("set-budget")
+def user_set_budget(name: str, monthly_usd: NewBudgetOpt = None, clear: ClearOpt = False,
+                    json_out: JsonOpt = False) -> None:
+    """Set (or --clear) a user's own monthly budget (their team's still applies too)."""
+    budget = _new_budget(monthly_usd, clear)
+    with _store(_config()) as store, _refused():
+        user = store.set_user_budget(name, budget)
+    if json_out:
+        _emit_json(user_dict(user))
+    else:
+        console.print(f"user {_escape(user.name)}: {_budget_note(user.monthly_usd)}", highlight=False)
 
 
 # ---------------------------------------------------------------- tokens

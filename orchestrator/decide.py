@@ -19,7 +19,9 @@ The verdicts, each with a reason *code* (``Code``) and a line of text:
   (late beats never).
 - **wait**, with ``until`` where there is one: the job's sweep is at ``max_parallel``; capacity that
   fits exists but is busy, blocked or behind a provider that is backing off or did not answer;
-  running attempts hold the budget; this month's budget is spent (until the 1st, UTC).
+  running attempts hold the budget; this month's budget is spent (until the 1st, UTC): the global
+  one, or, for a job with an owner, that user's or their team's (an admin's ``tunefleet admin
+  user|team set-budget`` lets it be placed at its next look, within ``RECHECK_S``).
 - **refuse** (the job fails at once, with the reason and the fix): ``policy.max_usd`` is below the
   expected cost of every offer that could run it; the job is bigger than a whole cap; only price
   quotes fit (no provider that can launch offers such capacity); or nothing known can run it.
@@ -53,7 +55,7 @@ class Code(StrEnum):
     PROVIDERS_DOWN = "providers_down"  # wait: providers that might fit are backing off or did not answer
     NOTHING_OFFERED = "nothing_offered"  # wait: no provider offered anything for this job now
     BUDGET_HELD = "budget_held"  # wait: running attempts hold the budget
-    BUDGET_RESET = "budget_reset"  # wait: this month's budget is spent; it resets on the 1st (UTC)
+    BUDGET_RESET = "budget_reset"  # wait: this month's budget (global, user's, team's) is spent; resets on the 1st (UTC)
     JOB_CAP = "job_cap"  # refuse: policy.max_usd is below every offer that could run it
     BUDGET_CAP = "budget_cap"  # refuse: bigger than a whole sweep or monthly budget
     QUOTE_ONLY = "quote_only"  # refuse: only price quotes fit; nothing launchable does

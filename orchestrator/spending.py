@@ -7,15 +7,16 @@
   vanished) is billed to its last sign of life: the last poll that saw it, or its payload's
   heartbeat in the store, plus one tick of slack. A dead daemon bills nothing for payloads that
   died with it.
-- **Caps**: the job's ``policy.max_usd``, its sweep's ``budget_usd`` and the monthly budget, each
-  with what is recorded, what live attempts have accrued and what they are still expected to spend.
+- **Caps**: the job's ``policy.max_usd``, its sweep's ``budget_usd``, the monthly budget, and for a
+  job with an owner that user's and their team's monthly budgets, each with what is recorded, what
+  live attempts have accrued and what they are still expected to spend (``Caps.applying``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from orchestrator.budget import Cap, month_start, next_month_start, usd
+from orchestrator.budget import Cap, headroom, month_start, next_month_start, usd
 from orchestrator.store import AttemptRow, JobRow
 
 
@@ -48,6 +49,9 @@ class Caps:
     """Builds the caps that apply to a job, from the store, for one moment ``now``.
 
     ``committed(att)``: what a live attempt was expected to cost when launched (its launch record).
+    ``applying`` is the one place that says which caps bound a job and what each holds: the launch
+    check (``for_launch``), the stop check (``stop_reason``) and the payload's lease (``run_until``)
+    all read it, so a cap added there is enforced by all three.
     """
 
     def __init__(self, store, monthly_limit: float | None, committed: Callable[[AttemptRow], float]):
@@ -63,53 +67,111 @@ class Caps:
             committed += max(0.0, self.committed(a) - got)
         return running, committed
 
+    def _cap(self, scope: str, kind: str, limit: float, spent: float, mine: list[AttemptRow], now: float,
+             resets_at: float | None = None, hint: str | None = None) -> Cap:
+        running, committed = self._held(mine, now)
+        return Cap(scope, limit, spent, running, committed, resets_at=resets_at,
+                   rate_usd_per_h=sum(a.usd_per_hour for a in mine), kind=kind, hint=hint)
+
     def monthly(self, now: float, live: list[AttemptRow]) -> Cap | None:
         if self.monthly_limit is None:
             return None
-        running, committed = self._held(live, now)
-        return Cap("monthly budget", self.monthly_limit, self.store.spend_since(month_start(now)),
-                   running, committed, resets_at=next_month_start(now))
+        return self._cap("monthly budget", "monthly", self.monthly_limit, self.store.spend_since(month_start(now)),
+                         list(live), now, resets_at=next_month_start(now))
 
     def sweep(self, sweep_id: str, now: float, live: list[AttemptRow], sweep_of: Callable[[str], str | None]) -> Cap:
         sweep = self.store.get_sweep(sweep_id)
         mine = [a for a in live if sweep_of(a.job_id) == sweep_id]
-        running, committed = self._held(mine, now)
-        return Cap(f"sweep {sweep_id} budget_usd", sweep["budget_usd"], self.store.sweep_spend(sweep_id),
-                   running, committed)
+        return self._cap(f"sweep {sweep_id} budget_usd", "sweep", sweep["budget_usd"],
+                         self.store.sweep_spend(sweep_id), mine, now)
+
+    def accounts(self, owner: str | None, now: float, live: list[AttemptRow]) -> list[Cap]:
+        """The owner's own monthly cap and their team's (shared by its users), where set; none for a
+        job without an owner (the embedded one-person default) or whose owner is gone. Spend is this
+        calendar month's (UTC, like the monthly budget), by the ledger rows' owner."""
+        if owner is None:
+            return []
+        from orchestrator.store import UserNotFound
+
+        try:
+            user = self.store.get_user(owner)
+        except UserNotFound:
+            return []
+        start, resets = month_start(now), next_month_start(now)
+        caps: list[Cap] = []
+        if user.monthly_usd is not None:
+            caps.append(self._cap(
+                f"user {owner}'s monthly budget", "user", user.monthly_usd,
+                self.store.spend_by(owner=owner, since=start), [a for a in live if a.owner == owner], now,
+                resets_at=resets, hint=f"to raise it: tunefleet admin user set-budget {owner} --monthly-usd N"))
+        team_usd = self.store.team_budget(user.team)
+        if team_usd is not None:
+            members = {u.name for u in self.store.list_users(user.team)}
+            caps.append(self._cap(
+                f"team {user.team}'s monthly budget", "team", team_usd,
+                self.store.spend_by(team=user.team, since=start), [a for a in live if a.owner in members], now,
+                resets_at=resets,
+                hint=f"to raise it: tunefleet admin team set-budget {user.team} --monthly-usd N"))
+        return caps
+
+    def applying(self, job: JobRow, now: float, live: list[AttemptRow], sweep_of: Callable[[str], str | None],
+                 *, own: bool = True) -> list[Cap]:
+        """Every cap that bounds ``job`` now, each with what is recorded under it, what the live
+        attempts it bounds have accrued and are still committed to, and their hourly rate: the
+        job's ``policy.max_usd`` (``own``), its sweep's ``budget_usd``, the monthly budget, and its
+        owner's and its owner's team's monthly budgets."""
+        caps: list[Cap] = []
+        max_usd = (job.spec.get("policy") or {}).get("max_usd")
+        if own and max_usd is not None:
+            caps.append(self._cap(f"job {job.id} policy.max_usd", "job", max_usd, job.cost_usd,
+                                  [a for a in live if a.job_id == job.id], now))
+        if job.sweep_id:
+            caps.append(self.sweep(job.sweep_id, now, live, sweep_of))
+        monthly = self.monthly(now, live)
+        if monthly is not None:
+            caps.append(monthly)
+        caps += self.accounts(job.owner, now, live)
+        return caps
 
     def for_launch(self, job: JobRow, now: float, live: list[AttemptRow],
                    sweep_of: Callable[[str], str | None]) -> list[Cap]:
         """The caps a new attempt of ``job`` must fit under (the job's own cap is checked by rank)."""
-        caps = [c for c in (self.monthly(now, live),) if c is not None]
-        if job.sweep_id:
-            caps.append(self.sweep(job.sweep_id, now, live, sweep_of))
-        return caps
+        return self.applying(job, now, live, sweep_of, own=False)
+
+    def headroom(self, job: JobRow, now: float, live: list[AttemptRow],
+                 sweep_of: Callable[[str], str | None]) -> tuple[float, Cap | None]:
+        """What ``job`` may still spend: the least headroom over every cap that applies to it."""
+        return headroom(self.applying(job, now, live, sweep_of))
+
+
+def _with(live: list[AttemptRow], att: AttemptRow) -> list[AttemptRow]:
+    return live if any(a.id == att.id for a in live) else [*live, att]
+
+
+def _crossing(cap: Cap) -> str:
+    """Why an attempt is stopped for this cap (the text of its ``budget_stop`` event)."""
+    if cap.kind == "job":
+        return f"{usd(cap.spent_usd + cap.running_usd)} of its {usd(cap.limit_usd)} cap spent"
+    if cap.kind == "sweep":
+        return f"the sweep's {usd(cap.limit_usd)} budget would be crossed"
+    if cap.kind == "monthly":
+        return f"the monthly budget {usd(cap.limit_usd)} would be crossed"
+    return (f"{cap.scope} {usd(cap.limit_usd)} would be crossed "
+            f"({usd(cap.spent_usd + cap.running_usd)} this month)")
 
 
 def stop_reason(job: JobRow, att: AttemptRow, now: float, horizon_s: float, live: list[AttemptRow],
                 caps: Caps, sweep_of: Callable[[str], str | None]) -> str | None:
     """Why this live attempt must be told to stop now so that recorded spend stays under every cap:
-    running on for ``horizon_s`` (until the daemon can act again and the attempt has stopped) would
-    cross it. None: it may run on."""
+    running on for ``horizon_s`` (until the daemon can act again and the attempt has stopped), with
+    every live attempt under that cap, would cross it. None: it may run on."""
     from orchestrator.budget import must_stop
 
     if att.usd_per_hour <= 0:
         return None
-    max_usd = (job.spec.get("policy") or {}).get("max_usd")
-    if max_usd is not None:
-        cap = Cap(f"job {job.id} policy.max_usd", max_usd, job.cost_usd, accrued(att, now))
-        if must_stop(cap, att.usd_per_hour, horizon_s):
-            return f"{usd(cap.spent_usd + cap.running_usd)} of its {usd(max_usd)} cap spent"
-    if job.sweep_id:
-        mine = [a for a in live if sweep_of(a.job_id) == job.sweep_id]
-        cap = caps.sweep(job.sweep_id, now, live, sweep_of)
-        if must_stop(Cap(cap.scope, cap.limit_usd, cap.spent_usd, cap.running_usd),
-                     sum(a.usd_per_hour for a in mine), horizon_s):
-            return f"the sweep's {usd(cap.limit_usd)} budget would be crossed"
-    monthly = caps.monthly(now, live)
-    if monthly is not None and must_stop(Cap(monthly.scope, monthly.limit_usd, monthly.spent_usd, monthly.running_usd),
-                                         sum(a.usd_per_hour for a in live), horizon_s):
-        return f"the monthly budget {usd(monthly.limit_usd)} would be crossed"
+    for cap in caps.applying(job, now, _with(live, att), sweep_of):
+        if must_stop(cap, cap.rate_usd_per_h, horizon_s):
+            return _crossing(cap)
     return None
 
 
@@ -120,20 +182,7 @@ def run_until(job: JobRow, att: AttemptRow, now: float, horizon_s: float, live: 
     with its event, comes first while it runs), leaving the other half to save and exit."""
     if att.usd_per_hour <= 0:
         return None
-    ends: list[float] = []
-
-    def until(cap: Cap, rate: float) -> None:
-        if rate > 0:
-            left = cap.limit_usd - cap.spent_usd - cap.running_usd
-            ends.append(now + left / rate * 3600.0 - horizon_s / 2)
-
-    max_usd = (job.spec.get("policy") or {}).get("max_usd")
-    if max_usd is not None:
-        until(Cap("job", max_usd, job.cost_usd, accrued(att, now)), att.usd_per_hour)
-    if job.sweep_id:
-        until(caps.sweep(job.sweep_id, now, live, sweep_of),
-              sum(a.usd_per_hour for a in live if sweep_of(a.job_id) == job.sweep_id))
-    monthly = caps.monthly(now, live)
-    if monthly is not None:
-        until(monthly, sum(a.usd_per_hour for a in live))
+    ends = [now + (cap.limit_usd - cap.spent_usd - cap.running_usd) / cap.rate_usd_per_h * 3600.0 - horizon_s / 2
+            for cap in caps.applying(job, now, _with(live, att), sweep_of)
+            if cap.rate_usd_per_h > 0]
     return min(ends) if ends else None

@@ -116,6 +116,12 @@ class AccountsMixin(StoreBase):
             if c.execute("UPDATE teams SET monthly_usd = ? WHERE name = ?", (budget, name)).rowcount == 0:
                 raise TeamNotFound(f"no team {name!r}")
 
+    def team_budget(self, name: str) -> float | None:
+        """A team's monthly cap (None: no cap, or no such team)."""
+        with self._read() as c:
+            r = c.execute("SELECT monthly_usd FROM teams WHERE name = ?", (name,)).fetchone()
+        return None if r is None or r[0] is None else float(r[0])
+
     # -- users --------------------------------------------------------------------------------
 
     def create_user(
