@@ -31,6 +31,7 @@ from orchestrator.cli_base import (
     err,
 )
 from orchestrator.budget import usd
+from orchestrator.client import remote, resolve_job_id
 from orchestrator.queue import job_summary, submit_spec, with_eval
 from orchestrator.states import JobState
 
@@ -56,10 +57,18 @@ def submit(
 ) -> None:
     """Validate a job file and queue it. Prints the job id."""
     spec = _load(job_file)
-    config = _config()
-    _check_store(spec.checkpoint.store or config.default_store)
-    with _store(config) as store, _staging(spec, quiet=json_out) as progress:
-        job_id = submit_spec(store, spec, config, priority, progress=progress)
+    client = remote()
+    if client is not None:
+        from orchestrator.client import submit as submit_remote
+
+        # the server's warnings are _load's, already printed
+        job_id = submit_remote(client, job_file, spec, priority,
+                               lambda files, total: _upload_bar(files, total, json_out))["id"]
+    else:
+        config = _config()
+        _check_store(spec.checkpoint.store or config.default_store)
+        with _store(config) as store, _staging(spec, quiet=json_out) as progress:
+            job_id = submit_spec(store, spec, config, priority, progress=progress)
     if json_out:
         _emit_json({"id": job_id})
     else:
@@ -88,6 +97,20 @@ def _staging(spec, *, quiet: bool):
         raise CliError(f"{exc}; nothing was queued", 2) from None
     except StorageError as exc:
         raise CliError(f"uploading the job's inputs: {exc}; nothing was queued", 2 if is_permanent(exc) else 1) from None
+
+
+@contextlib.contextmanager
+def _upload_bar(files: int, total: int, quiet: bool):
+    """Through a server: a progress bar over the request's bytes when the job's files are 8 MiB or more."""
+    if quiet or files < 8 << 20:
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    with Progress(TextColumn("uploading inputs"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("", total=total)
+        yield lambda n: bar.update(task, advance=n)
 
 
 # ---------------------------------------------------------------- status
@@ -124,6 +147,9 @@ def status(
     json_out: JsonOpt = False,
 ) -> None:
     """Jobs and their progress: state, step/total, loss, attempts, elapsed, cost."""
+    client = remote()
+    if client is not None:
+        return _status_remote(client, job, watch, limit, json_out)
     config = _config()
     with _store(config) as store:
         if job is None:
@@ -146,6 +172,28 @@ def status(
             _print_detail(summary)
             return
         _watch(store, job_id)
+
+
+def _status_remote(client, job: str | None, watch: bool, limit: int, json_out: bool) -> None:
+    if job is None:
+        rows = client.request("GET", "/jobs", params={"limit": limit})
+        if json_out:
+            _emit_json(rows)
+        elif rows:
+            console.print(_status_table(rows), crop=False)
+        else:
+            console.print("no jobs yet: tunefleet submit JOB.yaml")
+        return
+    job_id = resolve_job_id(client, job)
+    summary = client.request("GET", f"/jobs/{job_id}")
+    if json_out:
+        _emit_json(summary)
+        return
+    if not watch:
+        console.print(_status_table([summary]), crop=False)
+        _print_detail(summary)
+        return
+    _watch(None, job_id, lambda: client.request("GET", f"/jobs/{job_id}"))
 
 
 def _print_orphans(orphans: list[dict[str, Any]]) -> None:
@@ -183,7 +231,7 @@ def _print_detail(s: dict[str, Any]) -> None:
                       f"({s['wait_code']})")
 
 
-def _watch(store, job_id: str) -> None:
+def _watch(store, job_id: str, fetch=None) -> None:
     from rich.live import Live
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -194,7 +242,7 @@ def _watch(store, job_id: str) -> None:
     task = progress.add_task(job_id, total=None, info="")
     with Live(progress, console=console, refresh_per_second=4):
         while True:
-            s = job_summary(store, store.get_job(job_id))
+            s = fetch() if fetch is not None else job_summary(store, store.get_job(job_id))
             loss = f"loss {s['loss']:.4f}" if s["loss"] is not None else ""
             progress.update(
                 task, completed=s["step"], total=s["total_steps"],
@@ -204,6 +252,8 @@ def _watch(store, job_id: str) -> None:
             if JobState(s["state"]).terminal:
                 break
             time.sleep(1.0)
+    if fetch is not None:
+        s = fetch()
     _print_detail(s)
 
 
@@ -213,9 +263,13 @@ def events(job: str, json_out: JsonOpt = False) -> None:
     """The job's timeline: every transition, with its reason and figures."""
     from orchestrator.views import events_view
 
-    config = _config()
-    with _store(config) as store:
-        rows = events_view(store, _job_id(store, job))
+    client = remote()
+    if client is not None:
+        rows = client.request("GET", f"/jobs/{resolve_job_id(client, job)}/events")
+    else:
+        config = _config()
+        with _store(config) as store:
+            rows = events_view(store, _job_id(store, job))
     if json_out:
         _emit_json(rows)
         return
@@ -234,6 +288,9 @@ def logs(
     attempt: Annotated[int | None, typer.Option(help="Attempt number (default: every attempt in order).")] = None,
 ) -> None:
     """The training payload's output, one log file per attempt."""
+    client = remote()
+    if client is not None:
+        return _logs_remote(client, job, follow, attempt)
     config = _config()
     with _store(config) as store:
         job_id = _job_id(store, job)
@@ -272,6 +329,33 @@ def logs(
             time.sleep(0.5)
 
 
+def _logs_remote(client, job: str, follow: bool, attempt: int | None) -> None:
+    """The server's SSE log stream: an ``attempt`` event before each attempt's ``log`` chunks, then ``end``."""
+    import json
+
+    job_id = resolve_job_id(client, job)
+    params: dict[str, Any] = {"follow": "true" if follow else "false"}
+    if attempt is not None:
+        params["attempt"] = attempt
+    seen = 0
+    if follow and attempt is None and not client.request("GET", f"/jobs/{job_id}").get("attempts"):
+        err.print(f"{job_id} has not started yet; waiting for its first attempt (Ctrl-C to stop)")
+    with client.stream(f"/jobs/{job_id}/logs", params) as events:
+        for event, data in events:
+            if event == "attempt":
+                a = json.loads(data)
+                seen += 1
+                what = f"{a['provider']}" if follow else f"{a['provider']}, {a['state']}"
+                console.print(f"[bold]--- attempt {a['seq']} ({what}) ---[/]")
+            elif event == "log":
+                sys.stdout.write(data)
+                sys.stdout.flush()
+            elif event == "end":
+                break
+    if not seen:
+        raise CliError(f"job {job_id} has no attempt{f' {attempt}' if attempt else ''} yet")
+
+
 def chunk_pending(path: Path, offset: int) -> bool:
     return path.is_file() and path.stat().st_size > offset
 
@@ -292,13 +376,18 @@ def cancel(job: str, json_out: JsonOpt = False) -> None:
     """Cancel a job: at once if queued; a running attempt is stopped by the daemon."""
     from orchestrator.views import ViewError, cancel_job
 
-    config = _config()
-    with _store(config) as store:
-        job_id = _job_id(store, job)
-        try:
-            out = cancel_job(store, job_id)
-        except ViewError as exc:
-            raise CliError(exc.message, exc.code) from None
+    client = remote()
+    if client is not None:
+        job_id = resolve_job_id(client, job)
+        out = client.request("POST", f"/jobs/{job_id}/cancel", json_body=None)
+    else:
+        config = _config()
+        with _store(config) as store:
+            job_id = _job_id(store, job)
+            try:
+                out = cancel_job(store, job_id)
+            except ViewError as exc:
+                raise CliError(exc.message, exc.code) from None
     if json_out:
         _emit_json(out)
     else:
@@ -317,13 +406,18 @@ def preempt(
     """Interrupt a running attempt as a spot reclaim would (drills, demos, tests). Says which attempt."""
     from orchestrator.views import ViewError, preempt_job
 
-    config = _config()
-    with _store(config) as store:
-        job_id = _job_id(store, job)
-        try:
-            out = preempt_job(store, job_id, hard=hard, seq=attempt)
-        except ViewError as exc:
-            raise CliError(exc.message, exc.code) from None
+    client = remote()
+    if client is not None:
+        job_id = resolve_job_id(client, job)
+        out = client.request("POST", f"/jobs/{job_id}/preempt", json_body={"hard": hard, "attempt": attempt})
+    else:
+        config = _config()
+        with _store(config) as store:
+            job_id = _job_id(store, job)
+            try:
+                out = preempt_job(store, job_id, hard=hard, seq=attempt)
+            except ViewError as exc:
+                raise CliError(exc.message, exc.code) from None
     if json_out:
         _emit_json(out)
     else:
@@ -340,13 +434,18 @@ def resume(
     """Queue a job stopped by its budget again (from its newest checkpoint), optionally raising its cap."""
     from orchestrator.views import ViewError, resume_job
 
-    config = _config()
-    with _store(config) as store:
-        job_id = _job_id(store, job)
-        try:
-            out = resume_job(store, job_id, max_usd)
-        except ViewError as exc:
-            raise CliError(exc.message, exc.code) from None
+    client = remote()
+    if client is not None:
+        job_id = resolve_job_id(client, job)
+        out = client.request("POST", f"/jobs/{job_id}/resume", json_body={"max_usd": max_usd})
+    else:
+        config = _config()
+        with _store(config) as store:
+            job_id = _job_id(store, job)
+            try:
+                out = resume_job(store, job_id, max_usd)
+            except ViewError as exc:
+                raise CliError(exc.message, exc.code) from None
     if json_out:
         _emit_json(out)
     else:
@@ -361,12 +460,16 @@ def spend(
     """The spend ledger: what was paid, by job, sweep, provider or day, against the monthly budget."""
     from orchestrator.views import ViewError, spend_view
 
-    config = _config()
-    with _store(config) as store:
-        try:
-            summary = spend_view(store, config, by)
-        except ViewError as exc:
-            raise CliError(exc.message, exc.code) from None
+    client = remote()
+    if client is not None:
+        summary = client.request("GET", "/spend", params={"by": by})
+    else:
+        config = _config()
+        with _store(config) as store:
+            try:
+                summary = spend_view(store, config, by)
+            except ViewError as exc:
+                raise CliError(exc.message, exc.code) from None
     total, month = summary["total_usd"], summary["this_month_usd"]
     if json_out:
         _emit_json(summary)
@@ -377,7 +480,7 @@ def spend(
     for g in summary["groups"]:
         table.add_row(g["key"], usd(g["usd"]))
     console.print(table)
-    cap = f" of {usd(config.budget_monthly_usd)}" if config.budget_monthly_usd is not None else ""
+    cap = f" of {usd(summary['monthly_budget_usd'])}" if summary["monthly_budget_usd"] is not None else ""
     console.print(f"total {usd(total)}; this month {usd(month)}{cap}")
 
 
@@ -468,6 +571,7 @@ from orchestrator import cli_offers  # noqa: E402, F401 - registers its commands
 from orchestrator import cli_pull  # noqa: E402, F401
 from orchestrator import cli_admin  # noqa: E402, F401 - `tunefleet admin team|user|token ...`
 from orchestrator import cli_server  # noqa: E402, F401 - `tunefleet server`
+from orchestrator import cli_login  # noqa: E402, F401 - `tunefleet login|logout`
 
 
 # ---------------------------------------------------------------- daemon / demo
@@ -525,11 +629,25 @@ def demo(
         raise CliError(f"demo job ended {summary['state']}: {summary.get('reason')}")
 
 
+# Commands that read this machine's store and are not served by the team server yet: with a server
+# configured they refuse (exit 2) rather than answer about a store the user did not mean.
+NOT_SERVED = ("sweep", "report", "pull", "export", "eval")
+
+
 @app.callback()
 def _options(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected error.")] = False,
 ) -> None:
     """Run LLM fine-tuning jobs on the cheapest capacity that can do them, and survive preemption."""
+    from orchestrator.client import server_url
+
+    if ctx.invoked_subcommand in NOT_SERVED and not {"--help", "-h"} & set(sys.argv[1:]):
+        url = server_url()
+        if url is not None:
+            raise CliError(f"tunefleet {ctx.invoked_subcommand} is not available through the server ({url}) yet: "
+                           "run it on the server machine, or unset TUNEFLEET_SERVER (and tunefleet logout) to use "
+                           "this machine's store", 2)
 
 
 def main() -> None:
