@@ -241,3 +241,21 @@ def test_rate_limited_once_waits_retry_after_then_goes_on(tmp_path):
         assert " 429 " in server.log_path.read_text()  # it was limited, waited, and went on
     finally:
         server.stop()
+
+
+def test_follow_and_watch_end_with_the_job(world, tmp_path):
+    from orchestrator.states import JobState
+
+    job_id = world["server"].client(world["tokens"]["alice"]).post("/jobs", json=body()).json()["id"]
+    log = tmp_path / "attempt.log"
+    log.write_text("step 1 loss 2.5\nthe end\n")
+    with Store(world["home"] / "state.db") as store:
+        att = store.create_attempt(job_id, provider="local", offer_id="o", usd_per_hour=0.0, start_step=0)
+        store.transition_attempt(att.id, AttemptState.FAILED, kind="attempt_failed", message="boom",
+                                 log_path=str(log))
+        store.transition_job(job_id, JobState.FAILED, kind="failed", message="boom", reason="boom")
+    local, remote = both(world, "logs", job_id, "--follow")
+    assert (remote.returncode, remote.stdout) == (local.returncode, local.stdout) and "the end" in remote.stdout
+    watched = run(world["client"], "status", job_id, "--watch")
+    assert watched.returncode == 0, watched.stderr
+    assert "reason:     boom" in watched.stdout
