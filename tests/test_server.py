@@ -240,7 +240,8 @@ def test_health_metrics_openapi_and_no_secret_anywhere(world):
     s, t = world["server"], world["tokens"]
     assert httpx.get(s.url + "/healthz").json()["ok"] is True
     metrics = httpx.get(s.url + "/metrics").text
-    assert 'tunefleet_jobs{state="queued"}' in metrics and "tunefleet_http_requests_total" in metrics
+    assert 'tunefleet_jobs{state="queued"}' in metrics
+    assert 'tunefleet_http_requests_total{method="POST",route="/api/v1/jobs",status="201"}' in metrics
     paths = httpx.get(s.url + "/openapi.json").json()["paths"]
     assert {"/api/v1/jobs", "/api/v1/jobs/{job_id}", "/api/v1/jobs/{job_id}/logs"} <= set(paths)
     everything = metrics + s.log_path.read_text(errors="replace")

@@ -27,6 +27,7 @@ from infra.config import Config
 from orchestrator.api.auth import Access, RateLimiter
 
 API_VERSION = "v1"
+API_PREFIX = f"/api/{API_VERSION}"
 MAX_BODY_BYTES = 64 << 20
 
 log = logging.getLogger("tunefleet.server")
@@ -114,15 +115,17 @@ def create_app(config: Config, store, *, max_body_bytes: int = MAX_BODY_BYTES, r
     app.state.limiter = RateLimiter(rate, burst)
     app.state.metrics = Metrics()
     app.state.started = time.time()
-    app.include_router(jobs.router, prefix=f"/api/{API_VERSION}")
-    app.include_router(fleet.router, prefix=f"/api/{API_VERSION}")
+    app.include_router(jobs.router, prefix=API_PREFIX)
+    app.include_router(fleet.router, prefix=API_PREFIX)
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
         t0 = time.perf_counter()
         response = await call_next(request)
-        route = request.scope.get("route")
-        app.state.metrics.observe(request.method, getattr(route, "path", "(unmatched)"), response.status_code,
+        route = getattr(request.scope.get("route"), "path", None)
+        if route is not None and request.url.path.startswith(API_PREFIX):  # a router's route omits its prefix
+            route = API_PREFIX + route
+        app.state.metrics.observe(request.method, route or "(unmatched)", response.status_code,
                                   time.perf_counter() - t0)
         return response
 
