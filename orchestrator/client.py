@@ -22,7 +22,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,7 @@ def remote() -> Client | None:
 @dataclass
 class Client:
     url: str
-    token: str
+    token: str = field(repr=False)  # never in a repr, a traceback's locals or a log line
 
     def _http(self):
         import httpx

@@ -259,3 +259,9 @@ def test_follow_and_watch_end_with_the_job(world, tmp_path):
     watched = run(world["client"], "status", job_id, "--watch")
     assert watched.returncode == 0, watched.stderr
     assert "reason:     boom" in watched.stdout
+
+
+def test_the_client_never_shows_its_token_in_a_repr():
+    from orchestrator.client import Client
+
+    assert "tf_secret" not in repr(Client("http://127.0.0.1:1", "tf_secret"))
