@@ -63,7 +63,7 @@ def _ours(temp: str) -> list:
 
 def _stop(pgid: int, temp: str) -> None:
     """SIGTERM to the head's process group and to every process naming its temp folder, then
-    SIGKILL to whatever is left after 15 s."""
+    SIGKILL to whatever is left after 5 s (only test heads: nothing of theirs needs longer)."""
     import psutil
 
     procs = _ours(temp)
@@ -72,7 +72,7 @@ def _stop(pgid: int, temp: str) -> None:
     for p in procs:
         with contextlib.suppress(psutil.Error):
             p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=15)
+    _, alive = psutil.wait_procs(procs, timeout=5)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
     for p in alive + _ours(temp):
