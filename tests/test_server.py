@@ -88,9 +88,9 @@ def body(yaml_text: str = JOB, files: dict[str, bytes] | None = None, **extra) -
     return {"yaml": yaml_text, "files": {k: base64.b64encode(v).decode() for k, v in files.items()}, **extra}
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    home = tmp_path_factory.mktemp("server-home")
+def make_accounts(home: Path) -> dict[str, str]:
+    """Teams ml and nlp: alice and carol (members of ml), bob (nlp), ann (an admin, in ml); each
+    user's token."""
     tokens = {}
     with Store(home / "state.db") as store:
         store.create_team("ml")
@@ -99,6 +99,13 @@ def world(tmp_path_factory):
                                  ("ann", "ml", "admin")):
             store.create_user(name, team, role)
             tokens[name] = store.create_token(name)[1]
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    home = tmp_path_factory.mktemp("server-home")
+    tokens = make_accounts(home)
     server = Server(home, "--rate", "0")  # the rate limit has a test of its own
     try:
         jobs = {}

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.store import Store
 from tests.test_cli import tf
-from tests.test_server import DATA, JOB, REPO, Server, body
+from tests.test_server import DATA, JOB, REPO, Server, body, make_accounts
 
 SWEEP = REPO / "examples" / "sweep-tiny.yaml"
 
@@ -35,14 +34,7 @@ def _sweep(home: Path, owner: str | None) -> str:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     home = tmp_path_factory.mktemp("fleet-home")
-    tokens = {}
-    with Store(home / "state.db") as store:
-        store.create_team("ml")
-        store.create_team("nlp")
-        for name, team, role in (("alice", "ml", "member"), ("carol", "ml", "member"), ("bob", "nlp", "member"),
-                                 ("ann", "ml", "admin")):
-            store.create_user(name, team, role)
-            tokens[name] = store.create_token(name)[1]
+    tokens = make_accounts(home)
     sweeps = {"alice": _sweep(home, "alice"), "nobody": _sweep(home, None)}
     job_dir = tmp_path_factory.mktemp("fleet-job")
     (job_dir / "data").mkdir()
