@@ -96,17 +96,18 @@ def seed(home: Path, users: int) -> dict[str, Any]:
 
 
 class ServerProcess:
-    """``tunefleet server --no-daemon --rate 0`` on 127.0.0.1, a process of its own."""
+    """``tunefleet server --no-daemon ARGS`` on 127.0.0.1 over ``home``, a process of its own
+    (the tests start theirs with it too)."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, *args: str) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = home / "server.log"
         env = {**os.environ, "TUNEFLEET_HOME": str(home), "HF_HUB_OFFLINE": "1"}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator.cli", "server", "--no-daemon", "--rate", "0",
-                 "--host", "127.0.0.1", "--port", str(self.port)],
+                [sys.executable, "-m", "orchestrator.cli", "server", "--no-daemon",
+                 "--host", "127.0.0.1", "--port", str(self.port), *args],
                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         import httpx
 
@@ -286,7 +287,7 @@ def run(clients: int, seconds: float, interval: float, warmup: float) -> dict[st
         t0 = time.perf_counter()
         world = seed(home, users=max(TEAMS, min(clients, 20)))
         seed_s = time.perf_counter() - t0
-        server = ServerProcess(home)
+        server = ServerProcess(home, "--rate", "0")
         try:
             sqlite = asyncio.run(load(server.url, world, clients, seconds, interval, warmup))
         finally:
