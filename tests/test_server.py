@@ -210,7 +210,15 @@ def test_body_size_limit_and_rate_limit(tmp_path):
 def test_health_metrics_openapi_and_no_secret_anywhere(world):
     s, t = world["server"], world["tokens"]
     assert httpx.get(s.url + "/healthz").json()["ok"] is True
+    placed = s.client(t["bob"]).post("/jobs", json=body()).json()["id"]
+    with Store(world["home"] / "state.db") as store:  # what the daemon would write: a launch, a provider in backoff
+        store.create_attempt(placed, provider="local", offer_id="cpu", usd_per_hour=0.0, start_step=0)
+        store.set_provider_health("vast", state="backoff", reason="HTTP 503", failures=3)
     metrics = httpx.get(s.url + "/metrics").text
+    assert 'tunefleet_live_attempts{provider="local"} 1' in metrics
+    assert "tunefleet_placement_seconds_count 1" in metrics and 'tunefleet_placement_seconds{quantile="0.5"}' in metrics
+    assert 'tunefleet_provider_up{provider="vast"} 0' in metrics
+    assert 'tunefleet_provider_failures{provider="vast"} 3' in metrics
     assert 'tunefleet_jobs{state="queued"}' in metrics
     assert 'tunefleet_http_requests_total{method="POST",route="/api/v1/jobs",status="201"}' in metrics
     paths = httpx.get(s.url + "/openapi.json").json()["paths"]

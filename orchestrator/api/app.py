@@ -2,7 +2,9 @@
 
 - ``/healthz`` (no token): the store answers and its schema version; ``/metrics`` (no token,
   Prometheus text format): queue depth by state, live attempts by provider, spend, preemptions,
-  HTTP requests and their latency by route. Neither holds a secret or a job's content.
+  placement latency (submit to first attempt), each provider's health and consecutive failed calls
+  (as the daemon records them), HTTP requests and their latency by route. Neither holds a secret
+  or a job's content.
 - ``/openapi.json`` is the contract; ``/docs`` renders it.
 - Bodies over ``max_body_bytes`` are refused with 413 before they are read whole.
 - Errors are JSON ``{"detail": ...}``: 401 unauthenticated, 404 unknown (or not yours to see), 409
@@ -185,6 +187,17 @@ def render_metrics(store, http: Metrics) -> str:
            [({}, store.spend_since(0.0))])
     metric("tunefleet_preemptions_total", "counter", "Attempts that ended interrupted (reclaimed or preempted).",
            [({}, store.count_preemptions())])
+    waits = sorted(store.placement_seconds())
+    metric("tunefleet_placement_seconds", "summary",
+           "Seconds from submit to the first attempt, over the last 1,000 jobs placed.",
+           [({"quantile": q}, _quantile(waits, float(q))) for q in ("0.5", "0.9", "0.99")] if waits else [])
+    lines.append(f"tunefleet_placement_seconds_sum {sum(waits):g}")
+    lines.append(f"tunefleet_placement_seconds_count {len(waits)}")
+    health = store.provider_health()
+    metric("tunefleet_provider_up", "gauge", "1 while the daemon finds a provider usable, 0 in backoff or disabled.",
+           [({"provider": p}, 1 if h.get("state") == "ok" else 0) for p, h in sorted(health.items())])
+    metric("tunefleet_provider_failures", "gauge", "A provider's consecutive failed calls, as the daemon counts them.",
+           [({"provider": p}, int(h.get("failures") or 0)) for p, h in sorted(health.items())])
     metric("tunefleet_http_requests_total", "counter", "HTTP requests by method, route and status.",
            [({"method": m, "route": r, "status": str(s)}, n) for (m, r, s), n in sorted(http.requests.items())])
     metric("tunefleet_http_request_seconds_sum", "counter", "Seconds spent answering, by route.",
@@ -192,6 +205,11 @@ def render_metrics(store, http: Metrics) -> str:
     metric("tunefleet_http_request_seconds_count", "counter", "Requests answered, by route.",
            [({"route": r}, n) for r, (n, _) in sorted(http.seconds.items())])
     return "\n".join(lines) + "\n"
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """The nearest-rank q-quantile of a sorted, non-empty list."""
+    return sorted_values[min(len(sorted_values) - 1, max(0, round(q * len(sorted_values)) - 1))]
 
 
 def _label(value: str) -> str:

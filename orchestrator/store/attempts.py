@@ -219,6 +219,17 @@ class AttemptsMixin(JobsMixin):
                 (AttemptState.PREEMPTED.value, EndReason.PREEMPTED.value),
             ).fetchone()[0])
 
+    def placement_seconds(self, last: int = 1000) -> list[float]:
+        """Seconds from submit to the first attempt, for the ``last`` jobs that got one (newest
+        first): how long the queue makes a job wait to be placed (the server's metrics)."""
+        with self._read() as c:
+            rows = c.execute(
+                "SELECT a.created_at - j.created_at FROM attempts a JOIN jobs j ON j.id = a.job_id"
+                " WHERE a.seq = 1 ORDER BY a.created_at DESC LIMIT ?",
+                (int(last),),
+            ).fetchall()
+        return [max(0.0, float(r[0])) for r in rows]
+
     def latest_attempt(self, job_id: str) -> AttemptRow | None:
         """The job's attempt with the highest seq, or None if it never had one."""
         with self._read() as c:
