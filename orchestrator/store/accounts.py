@@ -36,7 +36,6 @@ from orchestrator.store.base import StoreBase
 from orchestrator.store.rows import (
     AccountExists,
     InvalidAccount,
-    StoreError,
     TeamNotFound,
     TokenNotFound,
     TokenRow,
@@ -55,7 +54,6 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # What authenticate accepts before hashing anything: ours are "tf_" + 43 characters.
 _TOKEN_RE = re.compile(r"tf_[A-Za-z0-9_-]{20,128}")
 _MAX_TOKEN_CHARS = 3 + 128
-_MAX_ID_TRIES = 32
 
 
 def check_name(name: Any, what: str) -> str:
@@ -204,12 +202,7 @@ class AccountsMixin(StoreBase):
             account = self._fetch_user(c, user)
             if account.disabled:
                 raise InvalidAccount(f"user {user!r} is disabled: a disabled user gets no new token")
-            for _ in range(_MAX_ID_TRIES):
-                token_id = "t" + uuid.uuid4().hex[:9]
-                if c.execute("SELECT 1 FROM tokens WHERE id = ?", (token_id,)).fetchone() is None:
-                    break
-            else:
-                raise StoreError(f"could not find a free token id in {_MAX_ID_TRIES} tries")
+            token_id = self._free_id(c, "tokens", lambda: "t" + uuid.uuid4().hex[:9], "token")
             c.execute(
                 "INSERT INTO tokens (id, user_name, hash, prefix, created_at, expires_at, note)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",

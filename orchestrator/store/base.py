@@ -29,6 +29,7 @@ from orchestrator.store.rows import (
 from orchestrator.store.schema import MIGRATIONS, SCHEMA_VERSION, split_sql
 
 _BUSY_TIMEOUT_MS = 10_000
+MAX_ID_TRIES = 32  # random ids drawn before giving up on finding a free one
 
 class StoreBase:
     """The connection, its lock and its transactions. One SQLite connection per object; safe to
@@ -196,6 +197,15 @@ class StoreBase:
         )
         assert cur.lastrowid is not None
         return cur.lastrowid
+
+    @staticmethod
+    def _free_id(c: sqlite3.Connection, table: str, make: Callable[[], str], what: str) -> str:
+        """A fresh random id (``make()``) not yet in ``table`` (inside the caller's transaction)."""
+        for _ in range(MAX_ID_TRIES):
+            new_id = make()
+            if c.execute(f"SELECT 1 FROM {table} WHERE id = ?", (new_id,)).fetchone() is None:
+                return new_id
+        raise StoreError(f"could not find a free {what} id in {MAX_ID_TRIES} tries")
 
     @staticmethod
     def _fetch_job(c: sqlite3.Connection, job_id: str) -> JobRow:

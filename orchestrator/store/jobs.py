@@ -14,7 +14,6 @@ from orchestrator.store.rows import (
     InvalidTransition,
     JobNotFound,
     JobRow,
-    StoreError,
     UserNotFound,
     as_job_states,
     dump_dict,
@@ -23,7 +22,6 @@ from orchestrator.store.rows import (
     random_job_id,
 )
 
-MAX_ID_TRIES = 32
 # Columns that transition_job may set besides the state. The names are interpolated into SQL,
 # so they come only from this whitelist.
 JOB_FIELDS = frozenset(
@@ -86,12 +84,7 @@ class JobsMixin(StoreBase):
         *, owner: str | None = None,
     ) -> str:
         """Insert a queued job under a fresh random id (inside the caller's transaction)."""
-        for _ in range(MAX_ID_TRIES):
-            job_id = random_job_id()
-            if c.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
-                break
-        else:
-            raise StoreError(f"could not find a free job id in {MAX_ID_TRIES} tries")
+        job_id = StoreBase._free_id(c, "jobs", random_job_id, "job")
         c.execute(
             "INSERT INTO jobs (id, name, state, priority, spec_json, created_at, updated_at, sweep_id, owner)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

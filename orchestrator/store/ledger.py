@@ -10,7 +10,6 @@ from typing import Any
 
 from orchestrator.states import JobState
 from orchestrator.store.attempts import AttemptsMixin
-from orchestrator.store.jobs import MAX_ID_TRIES
 from orchestrator.store.rows import EventRow, JobNotFound, StoreError, dump_dict, event_row
 
 
@@ -201,12 +200,7 @@ class LedgerMixin(AttemptsMixin):
         spec_json = dump_dict(spec, "spec")
         now = self._now()
         with self._write() as c:
-            for _ in range(MAX_ID_TRIES):
-                sweep_id = "s" + uuid.uuid4().hex[:7]
-                if c.execute("SELECT 1 FROM sweeps WHERE id = ?", (sweep_id,)).fetchone() is None:
-                    break
-            else:
-                raise StoreError("could not find a free sweep id")
+            sweep_id = self._free_id(c, "sweeps", lambda: "s" + uuid.uuid4().hex[:7], "sweep")
             c.execute(
                 "INSERT INTO sweeps (id, name, spec_json, state, budget_usd, created_at, updated_at)"
                 " VALUES (?, ?, ?, 'running', ?, ?, ?)",
