@@ -18,21 +18,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from benchmarks.server_load import ServerProcess
+from benchmarks.server_load import JOB, ServerProcess
 from orchestrator.store import Store
 from tests.test_cli import tf
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = (REPO / "examples" / "data" / "alpaca-tiny.jsonl").read_bytes()
-JOB = """\
-base_model: tunefleet/tiny-llama
-adapter: qlora
-load_in_4bit: true
-max_steps: 10
-datasets:
-  - path: data/train.jsonl
-    type: alpaca
-"""
 
 
 class Server(ServerProcess):
