@@ -36,6 +36,9 @@ checkpoints go by default must be the same for every command that talks to the s
     remote_package: null              # null: ship the daemon's own tunefleet as a wheel; or a pip
                                       # requirement of a released version, e.g. "tunefleet[train]==0.2.0"
     remote_image: null                # the CUDA/PyTorch image Vast machines start from
+    database_url: null                # a team server's shared store on Postgres, e.g.
+                                      # postgresql://tunefleet:PASSWORD@db.internal/tunefleet (also
+                                      # TUNEFLEET_DATABASE_URL); null: the SQLite file $TUNEFLEET_HOME/state.db
 
 Every setting has a type and a range (``Settings``); a bad one is refused at every command's start
 with the key, the value and what is allowed. ``TUNEFLEET_HOME`` must be a folder we can write.
@@ -49,13 +52,26 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PROVIDER_NAMES = ("local", "vast", "skypilot", "together", "siliconflow")  # every provider tunefleet knows
 MAX_CONFIG_BYTES = 1 << 20
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``: what logs, errors and ``--json`` may show."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparseable URL>"
+    if password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -111,6 +127,7 @@ class Config:
     untrusted_hosts: str = "refuse_static_keys"
     remote_package: str | None = None
     remote_image: str | None = None
+    database_url: str | None = None
 
     def scaled(self, seconds: float) -> float:
         """One of the daemon's built-in waits, in this config's time (``time_scale``)."""
@@ -122,6 +139,16 @@ class Config:
     @property
     def db_path(self) -> Path:
         return self.home / "state.db"
+
+    @property
+    def database(self) -> str | Path:
+        """What ``Store()`` opens: ``database_url`` (Postgres) if set, else the SQLite file."""
+        return self.database_url or self.db_path
+
+    @property
+    def database_shown(self) -> str:
+        """Where the store is, fit to print (a Postgres password is masked)."""
+        return redact_url(self.database_url) if self.database_url else str(self.db_path)
 
     @property
     def logs_dir(self) -> Path:
@@ -168,6 +195,17 @@ class Settings(BaseModel):
     untrusted_hosts: Literal["refuse_static_keys", "forward_static_keys"] = "refuse_static_keys"
     remote_package: str | None = Field(None, min_length=1, max_length=500, pattern=r"^tunefleet\b[^\s;]*$")
     remote_image: str | None = Field(None, min_length=1, max_length=300, pattern=r"^[A-Za-z0-9_./:@-]+$")
+    database_url: str | None = Field(None, max_length=2000)
+
+    @field_validator("database_url")
+    @classmethod
+    def _database(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("use postgresql://USER:PASSWORD@HOST:PORT/DATABASE, or leave it unset for the "
+                             "SQLite file in TUNEFLEET_HOME")
+        return value
 
     @field_validator("default_store")
     @classmethod
@@ -227,6 +265,9 @@ def load_config(home: Path | None = None) -> Config:
     if os.environ.get("TUNEFLEET_RAY_ADDRESS"):
         raw["ray_address"] = os.environ["TUNEFLEET_RAY_ADDRESS"]
         source["ray_address"] = "TUNEFLEET_RAY_ADDRESS"
+    if os.environ.get("TUNEFLEET_DATABASE_URL"):
+        raw["database_url"] = os.environ["TUNEFLEET_DATABASE_URL"]
+        source["database_url"] = "TUNEFLEET_DATABASE_URL"
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
@@ -245,4 +286,7 @@ def _explain(err: dict[str, Any], path: Path, source: dict[str, str]) -> str:
         return (f"{where}: unknown setting {key!r}{did_you_mean(key, Settings.model_fields)}; "
                 f"known: {', '.join(sorted(Settings.model_fields))}")
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{where}: {loc}: {err.get('input')!r} is not allowed: {msg}"
+    value = err.get("input")
+    if key == "database_url" and isinstance(value, str):
+        value = redact_url(value)  # never print a password, even a mistyped one
+    return f"{where}: {loc}: {value!r} is not allowed: {msg}"

@@ -54,8 +54,9 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path, clock: Clock) -> Iterator[Store]:
-    s = Store(db_path, clock=clock)
+def store(store_target: str | Path, clock: Clock) -> Iterator[Store]:
+    """On SQLite and on Postgres (conftest); ``db_path`` is the SQLite file of the SQLite case."""
+    s = Store(store_target, clock=clock)
     yield s
     s.close()
 

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,8 +60,9 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def store(db_path: Path, clock: FakeClock) -> Iterator[Store]:
-    s = Store(db_path, clock=clock)
+def store(store_target: str | Path, clock: FakeClock) -> Iterator[Store]:
+    """On SQLite and on Postgres (conftest); ``db_path`` is the SQLite file of the SQLite case."""
+    s = Store(store_target, clock=clock)
     yield s
     s.close()
 
@@ -70,8 +72,19 @@ def fixed_ids(monkeypatch: pytest.MonkeyPatch, ids: list[str]) -> None:
     monkeypatch.setattr(store_jobs_mod, "random_job_id", lambda: next(it))
 
 
-def raw(db_path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(str(db_path), isolation_level=None)
+def raw(target: str | Path) -> Any:
+    """A plain connection to the store's database, beside the store: sqlite3, or psycopg for Postgres."""
+    if isinstance(target, str) and target.startswith("postgresql://"):
+        import psycopg
+
+        return psycopg.connect(target, autocommit=True)
+    return sqlite3.connect(str(target), isolation_level=None)
+
+
+def db_errors() -> tuple[type[BaseException], ...]:
+    import psycopg
+
+    return (sqlite3.DatabaseError, psycopg.DatabaseError)
 
 
 def n_events(s: Store, job_id: str) -> int:
@@ -176,10 +189,10 @@ def test_split_sql_keeps_trigger_bodies_whole() -> None:
     assert all(t.rstrip().endswith("END;") for t in triggers)
 
 
-def test_events_and_spend_are_append_only_even_in_raw_sql(store: Store, db_path: Path) -> None:
+def test_events_and_spend_are_append_only_even_in_raw_sql(store: Store, store_target: str | Path) -> None:
     job_id = store.submit({}, name="x")
     store.add_spend(job_id, None, provider="p", usd=1.0)
-    c = raw(db_path)
+    c = raw(store_target)
     try:
         for sql in (
             "UPDATE events SET message = 'x'",
@@ -187,7 +200,7 @@ def test_events_and_spend_are_append_only_even_in_raw_sql(store: Store, db_path:
             "UPDATE spend SET usd = 0",
             "DELETE FROM spend",
         ):
-            with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            with pytest.raises(db_errors(), match="append-only"):
                 c.execute(sql)
     finally:
         c.close()
@@ -717,7 +730,7 @@ WRITER = textwrap.dedent(
 )
 
 
-def start_writer(db_path: Path, tag: str, rounds: int, gate: Path | None = None) -> subprocess.Popen[str]:
+def start_writer(db_path: str | Path, tag: str, rounds: int, gate: Path | None = None) -> subprocess.Popen[str]:
     args = [sys.executable, "-c", WRITER, str(db_path), tag, str(rounds)]
     if gate is not None:
         args.append(str(gate))
@@ -739,12 +752,14 @@ def wait_ready(proc: subprocess.Popen[str], timeout: float = 30.0) -> None:
         pytest.fail(f"writer failed to start: {proc.communicate()[1]}")
 
 
-def check_invariants(db_path: Path) -> int:
+def check_invariants(target: str | Path) -> int:
     """Cross-table invariants that only hold if every write was one transaction."""
-    c = raw(db_path)
+    c = raw(target)
+    sqlite = isinstance(c, sqlite3.Connection)
     try:
-        assert c.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        assert c.execute("PRAGMA foreign_key_check").fetchall() == []
+        if sqlite:
+            assert c.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+            assert c.execute("PRAGMA foreign_key_check").fetchall() == []
         # every attempt has exactly one attempt_created event, and vice versa
         assert c.execute(
             "SELECT a.id FROM attempts a WHERE (SELECT COUNT(*) FROM events e"
@@ -774,17 +789,20 @@ def check_invariants(db_path: Path) -> int:
             "SELECT a.id FROM attempts a JOIN jobs j ON j.id = a.job_id"
             " WHERE a.state = 'launching' AND j.state != 'launching'"
         ).fetchall() == []
-        # event ids are gap-free: AUTOINCREMENT's counter rolls back with a killed transaction
         ids = [r[0] for r in c.execute("SELECT id FROM events ORDER BY id")]
-        assert ids == list(range(1, len(ids) + 1))
-        seq = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
-        assert seq is None or seq[0] == len(ids)
+        if sqlite:  # event ids are gap-free: AUTOINCREMENT's counter rolls back with a killed transaction
+            assert ids == list(range(1, len(ids) + 1))
+            seq = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+            assert seq is None or seq[0] == len(ids)
+        else:  # a Postgres sequence does not roll back: ids may skip, but never repeat
+            assert len(set(ids)) == len(ids)
         return c.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
     finally:
         c.close()
 
 
-def test_sigkill_at_random_moments_leaves_db_consistent(db_path: Path) -> None:
+def test_sigkill_at_random_moments_leaves_db_consistent(store_target: str | Path) -> None:
+    db_path = store_target
     Store(db_path).close()
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
@@ -805,7 +823,8 @@ def test_sigkill_at_random_moments_leaves_db_consistent(db_path: Path) -> None:
         jobs_seen = count
 
 
-def test_two_processes_write_concurrently_without_lock_errors(tmp_path: Path, db_path: Path) -> None:
+def test_two_processes_write_concurrently_without_lock_errors(tmp_path: Path, store_target: str | Path) -> None:
+    db_path = store_target
     Store(db_path).close()
     gate = tmp_path / "go"
     rounds = 150
@@ -825,7 +844,8 @@ def test_two_processes_write_concurrently_without_lock_errors(tmp_path: Path, db
     check_invariants(db_path)
 
 
-def test_threads_sharing_and_not_sharing_a_store(db_path: Path) -> None:
+def test_threads_sharing_and_not_sharing_a_store(store_target: str | Path) -> None:
+    db_path = store_target
     shared = Store(db_path)
     own = [Store(db_path) for _ in range(2)]
     errors: list[BaseException] = []
@@ -891,3 +911,66 @@ def test_calibration_is_the_median_of_recent_runs_per_gpu(tmp_path: Path) -> Non
         assert store.calibration("nobody", "lora") == {}
         with pytest.raises(ValueError):
             store.record_throughput(base_model="m", method="lora", gpu="L4", gpu_count=1, tokens_per_s=float("nan"))
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing the database: a path, a postgresql:// URL, or a clear error
+# --------------------------------------------------------------------------------------------
+
+
+def test_store_reports_its_backend(store: Store, store_backend: str) -> None:
+    assert store.backend == store_backend
+    assert store.schema_version() == SCHEMA_VERSION
+    assert "***" in store.where or store_backend == "sqlite" or ":@" not in store.where
+
+
+def test_unknown_url_scheme_is_refused_without_showing_the_password() -> None:
+    with pytest.raises(StoreError, match="unknown database URL scheme") as info:
+        Store("mysql://admin:hunter2@db/tunefleet")
+    assert "hunter2" not in str(info.value)
+
+
+def test_unreachable_postgres_is_a_store_error_without_the_password(tmp_path: Path) -> None:
+    url = f"postgresql://admin:hunter2@/tunefleet?host={tmp_path}&port=1"  # no server on that socket
+    with pytest.raises(StoreError, match="cannot connect") as info:
+        Store(url)
+    assert "hunter2" not in str(info.value)
+
+
+def test_a_newer_postgres_schema_is_refused_untouched(postgres: Any) -> None:
+    url = postgres.database()
+    Store(url).close()
+    c = raw(url)
+    c.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'".replace("?", "%s"), (str(SCHEMA_VERSION + 1),))
+    with pytest.raises(StoreError, match="newer tunefleet"):
+        Store(url)
+    assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION + 1)
+    c.close()
+
+
+def test_pg_schema_rewrites_every_migration_statement() -> None:
+    """Every SQLite-only word of the migrations is rewritten, and the triggers become plpgsql."""
+    from orchestrator.store.engines import pg_statements
+    from orchestrator.store.schema import split_sql
+
+    out = [sql for script in store_mod.MIGRATIONS for stmt in split_sql(script) for sql in pg_statements(stmt)]
+    text = "\n".join(out)
+    for word in ("AUTOINCREMENT", "RAISE(ABORT", " REAL ", "INTEGER"):
+        assert word not in text, word
+    assert sum("LANGUAGE plpgsql" in s for s in out) == 4
+    assert any("CREATE TABLE jobs ( rowid BIGINT GENERATED ALWAYS AS IDENTITY," in s for s in out)
+
+
+def test_database_url_in_config_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from infra.config import ConfigError, load_config
+
+    monkeypatch.delenv("TUNEFLEET_DATABASE_URL", raising=False)
+    assert load_config(tmp_path).database == tmp_path / "state.db"
+    monkeypatch.setenv("TUNEFLEET_DATABASE_URL", "postgresql://tf:s3cret@db.internal/tf")
+    config = load_config(tmp_path)
+    assert config.database == "postgresql://tf:s3cret@db.internal/tf"
+    assert config.database_shown == "postgresql://tf:***@db.internal/tf"
+    monkeypatch.setenv("TUNEFLEET_DATABASE_URL", "mysql://tf:s3cret@db.internal/tf")
+    with pytest.raises(ConfigError, match="TUNEFLEET_DATABASE_URL: database_url: .*postgresql://USER") as info:
+        load_config(tmp_path)
+    assert "s3cret" not in str(info.value)

@@ -93,7 +93,7 @@ class AccountsMixin(StoreBase):
         budget = check_budget(monthly_usd, f"team {name!r}")
         now = self._now()
         with self._write() as c:
-            taken = c.execute("SELECT name FROM teams WHERE name = ? COLLATE NOCASE", (name,)).fetchone()
+            taken = c.execute("SELECT name FROM teams WHERE lower(name) = lower(?)", (name,)).fetchone()
             if taken is not None:
                 raise AccountExists(f"team {taken[0]!r} already exists")
             c.execute("INSERT INTO teams (name, monthly_usd, created_at) VALUES (?, ?, ?)", (name, budget, now))
@@ -137,7 +137,7 @@ class AccountsMixin(StoreBase):
         with self._write() as c:
             if c.execute("SELECT 1 FROM teams WHERE name = ?", (team,)).fetchone() is None:
                 raise TeamNotFound(f"no team {team!r}" + self._hint(c, "teams", team))
-            taken = c.execute("SELECT name FROM users WHERE name = ? COLLATE NOCASE", (name,)).fetchone()
+            taken = c.execute("SELECT name FROM users WHERE lower(name) = lower(?)", (name,)).fetchone()
             if taken is not None:
                 raise AccountExists(f"user {taken[0]!r} already exists")
             c.execute(
@@ -232,7 +232,7 @@ class AccountsMixin(StoreBase):
                     return None
                 c.execute("UPDATE tokens SET last_used_at = ? WHERE id = ?", (now, token_id))
                 return found[2]
-        except sqlite3.OperationalError:  # the file stayed locked past busy_timeout: last_used_at is
+        except self._engine.busy_errors:  # the store stayed locked past its busy timeout: last_used_at is
             return user  # only a hint, and the token was live when read, so the request goes on
 
     @staticmethod
@@ -316,5 +316,5 @@ class AccountsMixin(StoreBase):
         if not isinstance(name, str):
             return ""
         assert table in ("users", "teams")
-        r = c.execute(f"SELECT name FROM {table} WHERE name = ? COLLATE NOCASE", (name,)).fetchone()
+        r = c.execute(f"SELECT name FROM {table} WHERE lower(name) = lower(?)", (name,)).fetchone()
         return f" (did you mean {r[0]!r}?)" if r is not None else ""

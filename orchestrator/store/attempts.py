@@ -325,7 +325,7 @@ class AttemptsMixin(JobsMixin):
         live = sorted(s.value for s in LIVE_ATTEMPT_STATES)
         with self._write() as c:
             c.executemany(
-                "UPDATE attempts SET last_seen_at = MAX(COALESCE(last_seen_at, 0), ?), unknown_since = NULL"
-                f" WHERE id = ? AND state IN ({', '.join('?' * len(live))})",
-                [(float(ts), attempt_id, *live) for attempt_id, ts in seen.items()],
+                "UPDATE attempts SET last_seen_at = CASE WHEN COALESCE(last_seen_at, 0) > ? THEN last_seen_at ELSE ? END,"
+                f" unknown_since = NULL WHERE id = ? AND state IN ({', '.join('?' * len(live))})",
+                [(float(ts), float(ts), attempt_id, *live) for attempt_id, ts in seen.items()],
             )

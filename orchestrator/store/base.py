@@ -1,8 +1,9 @@
 """The store's connection, transactions and schema upgrade: what every part of the store builds on.
 
-Why it is shaped this way (the full story is in ``orchestrator.store``): one SQLite connection per
-object behind one lock; every write is one ``BEGIN IMMEDIATE`` transaction; the schema is migrated
-in place, in one transaction, and a newer file is refused untouched.
+Why it is shaped this way (the full story is in ``orchestrator.store``): one connection per
+object behind one lock; every write is one transaction that runs alone (``BEGIN IMMEDIATE`` on
+SQLite, the write lock of ``engines`` on Postgres); the schema is migrated in place, in one
+transaction, and a newer database is refused untouched.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from orchestrator.store.rows import (
     attempt_row,
     job_row,
 )
+from orchestrator.store.engines import BUSY_TIMEOUT_S, PostgresEngine, open_engine
 from orchestrator.store.schema import MIGRATIONS, SCHEMA_VERSION, split_sql
 
-_BUSY_TIMEOUT_MS = 10_000
+_BUSY_TIMEOUT_MS = int(BUSY_TIMEOUT_S * 1000)
 MAX_ID_TRIES = 32  # random ids drawn before giving up on finding a free one
 
 class StoreBase:
@@ -42,29 +44,39 @@ class StoreBase:
     """
 
     def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
-        self.path = Path(path)
+        """``path``: the SQLite file, or a ``postgresql://`` URL (see ``engines``)."""
+        self._engine = open_engine(path)
+        self.path = self._engine.path  # the SQLite file; None on Postgres
+        self.where = self._engine.where  # where the store is, fit to print (no password)
         self._clock = clock
         self._lock = threading.RLock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._conn = sqlite3.connect(
-                str(self.path),
-                timeout=_BUSY_TIMEOUT_MS / 1000,
-                isolation_level=None,  # autocommit; we issue BEGIN IMMEDIATE / COMMIT ourselves
-                check_same_thread=False,
-            )
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot open state database {self.path}: {e}") from e
-        self._conn.row_factory = sqlite3.Row
+            self._conn = self._engine.connect()
+        except self._engine.errors as e:
+            raise StoreError(f"cannot open state database {self.where}: {e}") from e
         try:
             self._open()
         except BaseException:
             self._conn.close()
             raise
 
+    @property
+    def backend(self) -> str:
+        """``sqlite`` or ``postgres``."""
+        return self._engine.name
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     def _open(self) -> None:
+        if isinstance(self._engine, PostgresEngine):
+            try:
+                version = self._schema_version()
+                self._refuse_newer(version)
+            except self._engine.errors as e:
+                raise StoreError(f"cannot open state database {self.where}: {e}") from e
+            if version < SCHEMA_VERSION:
+                self._migrate()
+            return
         c = self._conn
         try:
             c.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
@@ -107,10 +119,7 @@ class StoreBase:
                 delay = min(delay * 2, 0.05)
 
     def _schema_version(self) -> int:
-        has_meta = self._conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
-        ).fetchone()
-        if not has_meta:
+        if not self._engine.has_table(self._conn, "meta"):
             return 0
         row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         return 0 if row is None else int(row[0])
@@ -118,7 +127,7 @@ class StoreBase:
     def _refuse_newer(self, version: int) -> None:
         if version > SCHEMA_VERSION:
             raise StoreError(
-                f"{self.path} has schema version {version}, but this tunefleet only knows "
+                f"{self.where} has schema version {version}, but this tunefleet only knows "
                 f"version {SCHEMA_VERSION}: a newer tunefleet wrote it. Upgrade tunefleet; "
                 "the database was not modified."
             )
@@ -135,7 +144,8 @@ class StoreBase:
             self._refuse_newer(version)
             for script in MIGRATIONS[version:]:
                 for statement in split_sql(script):
-                    c.execute(statement)
+                    for sql in self._engine.statements(statement):
+                        c.execute(sql)
             c.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -159,22 +169,32 @@ class StoreBase:
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
         with self._lock:
-            c = self._conn
-            c.execute("BEGIN IMMEDIATE")
+            c = self._connection()
+            self._engine.begin(c)
             try:
                 yield c
                 c.execute("COMMIT")
             except BaseException:
                 # Also covers a failed COMMIT: never leave the shared connection inside an
                 # open transaction, or every later BEGIN on it would fail.
-                if c.in_transaction:
+                if self._engine.healthy(c) and self._engine.in_transaction(c):
                     c.execute("ROLLBACK")
                 raise
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            yield self._conn
+            yield self._connection()
+
+    def _connection(self) -> sqlite3.Connection:
+        """The connection; on Postgres a new one if the last was lost (a server restart, a
+        network cut): the failed call raised, the next one works again."""
+        if not self._engine.healthy(self._conn):
+            try:
+                self._conn.close()
+            finally:
+                self._conn = self._engine.connect()
+        return self._conn
 
     def _now(self) -> float:
         return float(self._clock())
@@ -190,13 +210,11 @@ class StoreBase:
         data_json: str,
         ts: float,
     ) -> int:
-        cur = c.execute(
+        return int(c.execute(
             "INSERT INTO events (ts, job_id, attempt_id, kind, message, data_json) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
             (ts, job_id, attempt_id, kind, message, data_json),
-        )
-        assert cur.lastrowid is not None
-        return cur.lastrowid
+        ).fetchone()[0])
 
     @staticmethod
     def _free_id(c: sqlite3.Connection, table: str, make: Callable[[], str], what: str) -> str:

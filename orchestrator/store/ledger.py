@@ -134,11 +134,11 @@ class LedgerMixin(AttemptsMixin):
         count every attempt. One GROUP BY over an index; it grows with the hosts seen, not the attempts."""
         from orchestrator.learning import Tally
 
-        ran = "(interruptible = 1 AND advertised > 0 AND launch_failed = 0)"
+        ran = "(CASE WHEN interruptible = 1 AND advertised > 0 AND launch_failed = 0 THEN 1 ELSE 0 END)"
         with self._read() as c:
             rows = c.execute(
-                f"SELECT provider, gpu, host, SUM({ran}), SUM(CASE WHEN {ran} THEN hours ELSE 0 END),"  # noqa: S608
-                f" SUM(CASE WHEN {ran} THEN advertised * hours ELSE 0 END), SUM({ran} * interrupted),"
+                f"SELECT provider, gpu, host, SUM({ran}), SUM({ran} * hours),"  # noqa: S608
+                f" SUM({ran} * advertised * hours), SUM({ran} * interrupted),"
                 f" SUM({ran} * interrupted * warned), COUNT(*), SUM(launch_failed)"
                 " FROM exposures GROUP BY provider, gpu, host").fetchall()
         return {(r[0], r[1], r[2]): Tally(int(r[3]), float(r[4]), float(r[5]), int(r[6]), int(r[7]), int(r[8]),
@@ -288,6 +288,21 @@ class LedgerMixin(AttemptsMixin):
                     "SELECT COALESCE(SUM(usd), 0.0) FROM spend WHERE job_id = ?", (job_id,)
                 ).fetchone()
         return float(row[0])
+
+    # -- the daemon that leads (orchestrator.leader), for status, /healthz and /metrics ---------
+
+    def set_daemon_leader(self, holder: str, *, tries: int = 1) -> None:
+        """Record that ``holder`` (host:pid) took the daemon lock now, after ``tries`` tries."""
+        value = json.dumps({"holder": holder, "since": self._now(), "tries": int(tries)})
+        with self._write() as c:
+            c.execute("INSERT INTO meta (key, value) VALUES ('daemon_leader', ?)"
+                      " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (value,))
+
+    def daemon_leader(self) -> dict[str, Any] | None:
+        """The last daemon to take the lock: {holder, since, tries}; None if none ever did."""
+        with self._read() as c:
+            row = c.execute("SELECT value FROM meta WHERE key = 'daemon_leader'").fetchone()
+        return None if row is None else json.loads(row[0])
 
     # -- provider health (written by the daemon, read by `tunefleet providers`) ----------------
 
