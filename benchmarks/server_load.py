@@ -96,17 +96,17 @@ def seed(home: Path, users: int) -> dict[str, Any]:
 
 
 class ServerProcess:
-    """``tunefleet server --no-daemon ARGS`` on 127.0.0.1 over ``home``, a process of its own
-    (the tests start theirs with it too)."""
+    """``tunefleet server --no-daemon ARGS`` (``--daemon`` with ``daemon=True``) on 127.0.0.1 over
+    ``home``, a process of its own (the tests start theirs with it too)."""
 
-    def __init__(self, home: Path, *args: str) -> None:
+    def __init__(self, home: Path, *args: str, env: dict[str, str] | None = None, daemon: bool = False) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = home / "server.log"
-        env = {**os.environ, "TUNEFLEET_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "TUNEFLEET_HOME": str(home), "HF_HUB_OFFLINE": "1", **(env or {})}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator.cli", "server", "--no-daemon",
+                [sys.executable, "-m", "orchestrator.cli", "server", "--daemon" if daemon else "--no-daemon",
                  "--host", "127.0.0.1", "--port", str(self.port), *args],
                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         import httpx

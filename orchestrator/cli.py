@@ -579,36 +579,66 @@ from orchestrator import cli_login  # noqa: E402, F401 - `tunefleet login|logout
 def daemon(
     until_idle: Annotated[bool, typer.Option("--until-idle", help="Exit when nothing is queued or running.")] = False,
     max_seconds: Annotated[float | None, typer.Option(help="Exit after this long at most.")] = None,
+    standby: Annotated[bool, typer.Option(
+        "--standby", help="If another daemon runs on this store, wait and take over when it stops or dies "
+                          "(a second server replica) instead of exiting.")] = False,
 ) -> None:
     """Run the queue: place, launch, watch, resume after preemption. SIGTERM stops it in order (exit 0)."""
     import signal
+    import threading
 
-    from infra.logging import configure_logging
-    from orchestrator.daemon import Daemon, DaemonLock, DaemonLocked, launchable_providers
+    from infra.logging import configure_logging, get_logger
+    from orchestrator.daemon import Daemon, LostLeadership, launchable_providers
+    from orchestrator.leader import DaemonLocked, daemon_lock, holder_id, wait_for
 
     if max_seconds is not None and not max_seconds > 0:
         raise CliError(f"--max-seconds must be a positive number of seconds, not {max_seconds}", 2)
     config = _config()
-    lock = DaemonLock(config.home)
-    try:
-        lock.acquire()
-    except DaemonLocked as exc:
-        raise CliError(str(exc)) from None
-    configure_logging(config.logs_dir / "daemon.log", console=True)
-    providers = launchable_providers(config)
-    with _store(config) as store:
-        d = Daemon(store, config, providers)
-        for sig in (signal.SIGTERM, signal.SIGINT):  # until the providers open; run() installs them again after
-            signal.signal(sig, lambda *_: d.stop.set())
+    lock = daemon_lock(config)
+    tries = 1
+    if standby:
+        configure_logging(config.logs_dir / "daemon.log", console=True)
+        log = get_logger(component="daemon")
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+
+        def waiting(n: int) -> None:
+            nonlocal tries
+            tries = n + 1
+            if n == 1:
+                log.info("standby: another daemon holds the lock; trying again every poll interval",
+                         store=config.database_shown, poll_interval_s=config.poll_interval_s)
+
+        if not wait_for(lock, stop, config.poll_interval_s, waiting):
+            err.print("daemon stopped (standby)")
+            return
+        log.info("standby: took over the daemon lock", tries=tries)
+    else:
         try:
-            d.run(until_idle=until_idle, max_seconds=max_seconds)  # installs its own handlers once providers opened
-        finally:
-            for p in providers.values():
-                try:
-                    p.close()
-                except Exception as exc:  # noqa: BLE001 - closing one provider must not hide the others
-                    err.print(f"[yellow]{p.name}[/]: close failed: {exc}")
-            lock.release()
+            lock.acquire()
+        except DaemonLocked as exc:
+            raise CliError(str(exc)) from None
+        configure_logging(config.logs_dir / "daemon.log", console=True)
+    providers = launchable_providers(config)
+    try:
+        with _store(config) as store:
+            store.set_daemon_leader(holder_id(), tries=tries)
+            d = Daemon(store, config, providers)
+            for sig in (signal.SIGTERM, signal.SIGINT):  # until the providers open; run() installs them again after
+                signal.signal(sig, lambda *_: d.stop.set())
+            try:
+                d.run(until_idle=until_idle, max_seconds=max_seconds, lock=lock)
+            except LostLeadership as exc:
+                raise CliError(str(exc)) from None
+            finally:
+                for p in providers.values():
+                    try:
+                        p.close()
+                    except Exception as exc:  # noqa: BLE001 - closing one provider must not hide the others
+                        err.print(f"[yellow]{p.name}[/]: close failed: {exc}")
+    finally:
+        lock.release()
     err.print("daemon stopped")
 
 

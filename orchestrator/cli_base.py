@@ -44,7 +44,7 @@ def _store(config: Config):
     from orchestrator.store import Store
 
     config.home.mkdir(parents=True, exist_ok=True)
-    return Store(config.db_path)
+    return Store(config.database)
 
 
 def _emit_json(obj: Any) -> None:

@@ -54,7 +54,7 @@ def providers(json_out: JsonOpt = False) -> None:
 @contextmanager
 def _existing_store(config: Config) -> Iterator[Any]:
     """The store if this machine has one, else None (reading must not create one)."""
-    if not config.db_path.is_file():
+    if config.database_url is None and not config.db_path.is_file():
         yield None
         return
     with _store(config) as store:

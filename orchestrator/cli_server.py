@@ -46,7 +46,7 @@ def server(
         api = create_app(config, store, max_body_bytes=max_body_mb << 20, rate=rate, burst=burst)
         child = _start_daemon() if daemon else None
         scheme = "https" if ssl_certfile else "http"
-        err.print(f"tunefleet server on {scheme}://{host}:{port} (store {config.db_path}; daemon "
+        err.print(f"tunefleet server on {scheme}://{host}:{port} (store {config.database_shown}; daemon "
                   f"{'pid ' + str(child.pid) if child else 'not started here'})")
         try:
             uvicorn.run(api, host=host, port=port, log_level="info", access_log=True,
@@ -58,8 +58,19 @@ def server(
 
 
 def _start_daemon() -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "daemon"], env=os.environ.copy(),
-                            stdin=subprocess.DEVNULL)
+    """``tunefleet daemon --standby``: with a second replica on the same store, this one's daemon
+    waits to take over. It gets SIGTERM (and stops in order) if the server dies without stopping it."""
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "daemon", "--standby"], env=os.environ.copy(),
+                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the daemon outlives a killed server; stop it by its pid
 
 
 def _stop_daemon(child: subprocess.Popen) -> None:

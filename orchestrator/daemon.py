@@ -24,14 +24,11 @@ state), ``placing`` (queued jobs), ``spending`` (billing and caps).
 
 from __future__ import annotations
 
-import fcntl
-import os
 import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from infra.config import Config
@@ -41,6 +38,7 @@ from orchestrator.calls import Calls
 from orchestrator.decide import Code
 from orchestrator.ending import EndingMixin
 from orchestrator.health import Health
+from orchestrator.leader import DaemonLock, DaemonLocked, LeaderLock  # noqa: F401 - DaemonLock*: moved, still importable here
 from orchestrator.learning import MarketModel
 from orchestrator.queue import final_eval_loss
 from orchestrator.placing import SETTLE_S, PlacingMixin
@@ -58,37 +56,8 @@ IDLE_HORIZON_S = 300.0  # --until-idle waits for a job that will be looked at ag
 TICK_WAIT_S = 1.0  # the most one tick waits for provider and store answers, in all
 
 
-class DaemonLocked(RuntimeError):
-    """Another daemon already runs on this state store."""
-
-
-class DaemonLock:
-    """An exclusive ``flock`` on ``<home>/daemon.lock``; released by the kernel if we die."""
-
-    def __init__(self, home: Path):
-        self.path = home / "daemon.lock"
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise DaemonLocked(
-                f"a tunefleet daemon is already running on {self.path.parent} (pid {holder}); "
-                "stop it first, or point TUNEFLEET_HOME at another folder"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+class LostLeadership(RuntimeError):
+    """The daemon lock was lost while running (see orchestrator.leader)."""
 
 
 class Daemon(WatchMixin, EndingMixin, PlacingMixin, RemoteMixin, ReconcileMixin):
@@ -217,13 +186,19 @@ class Daemon(WatchMixin, EndingMixin, PlacingMixin, RemoteMixin, ReconcileMixin)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
 
-    def run(self, *, until_idle: bool = False, max_seconds: float | None = None) -> None:
+    def run(self, *, until_idle: bool = False, max_seconds: float | None = None,
+            lock: LeaderLock | None = None) -> None:
+        """Tick until stopped. With ``lock``, stop (LostLeadership) as soon as it is no longer held:
+        another daemon may be running the queue by then."""
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         self._open_providers()
         self._install_signals()
         self.log.info("daemon started", providers=sorted(self.providers), until_idle=until_idle)
         try:
             while not self.stop.is_set():
+                if lock is not None and not lock.held():
+                    self.log.error("lost the daemon lock (store unreachable?); stopping: a standby may lead now")
+                    raise LostLeadership("lost the daemon lock; another daemon may run the queue now")
                 self.tick()
                 if until_idle and self.idle():
                     self.log.info("nothing queued or running; exiting (--until-idle)")

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from infra.config import Config
 from infra.storage import open_store
-from orchestrator.daemon import DaemonLock, DaemonLocked
+from orchestrator.leader import daemon_lock
 from orchestrator.queue import job_summary, submit_spec
 from orchestrator.store import InvalidTransition, Store
 
@@ -29,10 +29,8 @@ DEADLINE_S = 15 * 60
 
 def _start_daemon(config: Config) -> subprocess.Popen | None:
     """Start ``tunefleet daemon --until-idle`` unless one already runs on this home."""
-    lock = DaemonLock(config.home)
-    try:
-        lock.acquire()
-    except DaemonLocked:
+    lock = daemon_lock(config)
+    if not lock.try_acquire():
         return None
     lock.release()
     config.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +52,7 @@ def run_demo(
     say = (lambda *a: None) if quiet else console.print
     spec = load_job_file(job_file or EXAMPLE)
     config.home.mkdir(parents=True, exist_ok=True)
-    store = Store(config.db_path)
+    store = Store(config.database)
     job_id = submit_spec(store, spec, config)
     say(f"submitted [bold]{job_id}[/] ({spec.display_name}, {spec.adapter or 'full'} on {spec.base_model})")
     daemon = _start_daemon(config)

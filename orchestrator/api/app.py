@@ -144,10 +144,13 @@ def create_app(config: Config, store, *, max_body_bytes: int = MAX_BODY_BYTES, r
 
     @app.get("/healthz", tags=["server"])
     def healthz() -> dict[str, Any]:
-        """The store answers: its schema version and how many jobs it holds."""
+        """The store answers: its schema version, database, how many jobs it holds, and which daemon
+        last took the lock (host:pid; with replicas, the one running the queue)."""
         counts = store.count_jobs_by_state()
-        return {"ok": True, "version": API_VERSION, "schema": store.schema_version(),
-                "jobs": sum(counts.values()), "uptime_s": round(time.time() - app.state.started, 1)}
+        leader = store.daemon_leader()
+        return {"ok": True, "version": API_VERSION, "schema": store.schema_version(), "database": store.backend,
+                "jobs": sum(counts.values()), "uptime_s": round(time.time() - app.state.started, 1),
+                "daemon_leader": None if leader is None else {"holder": leader["holder"], "since": leader["since"]}}
 
     @app.get("/metrics", tags=["server"], response_class=PlainTextResponse)
     def metrics() -> str:
