@@ -493,13 +493,34 @@ def sweep(
     """Start a cost-capped sweep (tunefleet sweep SWEEP.yaml), or show its leaderboard (tunefleet sweep status ID)."""
     from orchestrator.queue import submit_sweep, sweep_summary
     from orchestrator.store import StoreError
-    from orchestrator.sweep import SweepError
+    from orchestrator.sweep import SweepError, load_sweep
 
+    client = remote()
+    if target == "status" and not sweep_id:
+        raise CliError("usage: tunefleet sweep status SWEEP_ID", 2)
+    if client is not None:
+        from orchestrator.client import resolve_sweep_id, sweep_submission
+
+        if target == "status":
+            summary = client.request("GET", f"/sweeps/{resolve_sweep_id(client, sweep_id)}")
+            if json_out:
+                _emit_json(summary)
+            else:
+                _print_sweep(summary)
+            return
+        try:
+            load_sweep(Path(target))  # the same messages as without a server, before anything is sent
+        except SweepError as exc:
+            raise CliError(f"{exc}\nnothing was queued", 2) from None
+        new_id = client.request("POST", "/sweeps", json_body=sweep_submission(Path(target)))["id"]
+        if json_out:
+            _emit_json({"id": new_id})
+        else:
+            console.print(new_id)
+        return
     config = _config()
     with _store(config) as store:
         if target == "status":
-            if not sweep_id:
-                raise CliError("usage: tunefleet sweep status SWEEP_ID", 2)
             try:
                 summary = sweep_summary(store, sweep_id)
             except StoreError as exc:
@@ -661,7 +682,7 @@ def demo(
 
 # Commands that read this machine's store and are not served by the team server yet: with a server
 # configured they refuse (exit 2) rather than answer about a store the user did not mean.
-NOT_SERVED = ("sweep", "report", "pull", "export", "eval")
+NOT_SERVED = ("report", "pull", "export", "eval")
 
 
 @app.callback()

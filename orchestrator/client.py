@@ -321,3 +321,43 @@ def submit(client: Client, job_file: Path, spec, priority: int | None, progress)
 
         return client.request("POST", "/jobs", content=chunks,
                               headers={"Content-Type": "application/json", "Content-Length": str(len(raw))})
+
+
+# ---------------------------------------------------------------- sweeps
+def resolve_sweep_id(client: Client, prefix: str) -> str:
+    """The one visible sweep whose id is ``prefix`` or starts with it, with ``Store.get_sweep``'s
+    messages (exit 1)."""
+    ids = sorted(s["id"] for s in client.request("GET", "/sweeps"))
+    if prefix in ids:
+        return prefix
+    matches = [i for i in ids if i.startswith(prefix)]
+    if len(matches) == 1:
+        return matches[0]
+    raise CliError(f"no sweep {prefix!r}" + (f" (candidates: {', '.join(matches[:5])})" if matches else ""))
+
+
+def sweep_submission(sweep_file: Path) -> dict[str, Any]:
+    """The body of ``POST /sweeps``: the sweep file's text with its ``base:`` renamed to the name the
+    server gives the base job (line for line), the base job's text as ``submission`` sends a job,
+    and the base job's local files. The caller has validated the sweep (``load_sweep``) already."""
+    import base64
+    import re
+
+    import yaml
+
+    from jobs.spec import load_job_file
+    from orchestrator.sweep import SWEEP_BASE
+    from providers.registry import PROVIDERS
+
+    text = sweep_file.read_text()
+    raw_base = yaml.safe_load(text)["base"]
+    base_path = (sweep_file.parent / raw_base).resolve()
+    base_text, files = submission(base_path, load_job_file(base_path, known_providers=PROVIDERS))
+    pattern = re.compile(r"^(base\s*:\s*)(['\"]?)" + re.escape(str(raw_base)) + r"\2(\s*(#.*)?)$", re.M)
+    sent, n = pattern.subn(lambda m: f"{m.group(1)}{SWEEP_BASE}{m.group(3)}", text, count=1)
+    if n != 1 or yaml.safe_load(sent).get("base") != SWEEP_BASE:  # a flow mapping, an anchor...: rewrite it whole
+        doc = yaml.safe_load(text)
+        doc["base"] = SWEEP_BASE
+        sent = yaml.safe_dump(doc, sort_keys=False)
+    return {"yaml": sent, "base": base_text,
+            "files": {k: base64.b64encode(p.read_bytes()).decode() for k, p in files.items()}}

@@ -73,10 +73,11 @@ def job_summary(store, job, now: float | None = None) -> dict[str, Any]:
     return summary
 
 
-def submit_sweep(store, path, config: Config) -> str:
+def submit_sweep(store, path, config: Config, *, owner: str | None = None) -> str:
     """Validate a sweep file and every one of its trials, then queue the first rung.
 
     Nothing is queued unless every trial's job validates (``SweepError`` says which and why).
+    ``owner`` (a team server's user) owns the sweep and its trial jobs.
     """
     from orchestrator.sweep import expand, load_sweep, rungs, trial_spec
 
@@ -89,7 +90,7 @@ def submit_sweep(store, path, config: Config) -> str:
     first = steps[0] or None
     specs = [trial_spec(base, p, max_steps=first, store_uri=config.default_store) for p in params]
     plan = {"sweep": sweep.model_dump(mode="json"), "base": base, "trials": params, "rungs": steps}
-    sweep_id = store.create_sweep(sweep.name, plan, sweep.budget_usd)
+    sweep_id = store.create_sweep(sweep.name, plan, sweep.budget_usd, owner=owner)
     for i, (p, spec) in enumerate(zip(params, specs, strict=True)):
         store.add_trial(sweep_id, trial=i, rung=0, params=p, spec=spec, name=f"{sweep.name}/t{i}/r0")
     return sweep_id
@@ -151,4 +152,5 @@ def sweep_summary(store, sweep_id: str) -> dict[str, Any]:
         "best_adapter_uri": best.adapter_uri if best else None,
         "reason": sweep["reason"],
         "trials": [{**r, "cost_usd": round(r["cost_usd"], 6)} for r in board],
+        **({"owner": sweep["owner"]} if sweep.get("owner") else {}),  # only on a team server, as job_summary
     }

@@ -41,6 +41,7 @@ from jobs.spec import JobFileError, JobSpec, load_job_file
 DEFAULT_MAX_TRIALS = 256  # a sweep of more trials is refused unless its file raises max_trials
 MAX_TRIALS_CEILING = 10_000
 MAX_SWEEP_FILE_BYTES = 1 << 20
+SWEEP_BASE = "base.yaml"  # the name a sweep sent to a team server gives its base job (orchestrator.api.fleet)
 
 class SweepError(ValueError):
     """A sweep file that cannot run; the message says what and how to fix it."""

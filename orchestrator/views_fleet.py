@@ -183,8 +183,3 @@ def sweep_view(store, sweep_id: str) -> dict[str, Any]:
     from orchestrator.queue import sweep_summary
 
     return sweep_summary(store, sweep_id)
-
-
-def sweep_owners(store, sweep_id: str) -> set[str | None]:
-    """The owners of a sweep's trial jobs (None for a job queued without an account)."""
-    return {store.get_job(t["job_id"]).owner for t in store.trials(sweep_id)}

@@ -341,7 +341,7 @@ def test_job_summary_names_the_owner_only_when_there_is_one(store: Store) -> Non
 
 
 def test_previous_schema_is_migrated_keeping_jobs_attempts_and_spend(tmp_path: Path) -> None:
-    assert SCHEMA_VERSION == len(MIGRATIONS) == 8
+    assert SCHEMA_VERSION == len(MIGRATIONS) == 9
     db = tmp_path / "v7.db"
     conn = sqlite3.connect(db)
     conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
@@ -369,11 +369,55 @@ def test_previous_schema_is_migrated_keeping_jobs_attempts_and_spend(tmp_path: P
         assert s.authenticate(s.create_token("alice")[1]).name == "alice"
         assert s.get_job(s.submit({}, name="new", owner="alice")).owner == "alice"
     with sqlite3.connect(db) as c:
-        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("8",)
+        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (str(SCHEMA_VERSION),)
         index_names = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "jobs_owner" in index_names
         plan = " ".join(r[3] for r in c.execute("EXPLAIN QUERY PLAN SELECT * FROM jobs WHERE owner = 'a'"))
         assert "jobs_owner" in plan
+
+
+def test_v8_sweeps_take_the_owner_of_their_trial_jobs(tmp_path: Path) -> None:
+    db = tmp_path / "v8.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    for script in MIGRATIONS[:8]:
+        for statement in split_sql(script):
+            conn.execute(statement)
+    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '8')")
+    conn.execute("INSERT INTO teams (name, created_at) VALUES ('ml', 1)")
+    conn.execute("INSERT INTO users (name, team, role, created_at) VALUES ('alice', 'ml', 'member', 1)")
+    for sweep, owner in (("sown0001", "alice"), ("snone001", None)):
+        conn.execute("INSERT INTO sweeps (id, name, spec_json, state, budget_usd, created_at, updated_at)"
+                     " VALUES (?, 'sw', '{}', 'running', 5, 1, 1)", (sweep,))
+        conn.execute("INSERT INTO jobs (id, name, state, spec_json, created_at, updated_at, sweep_id, owner)"
+                     " VALUES (?, 't0', 'queued', '{}', 1, 1, ?, ?)", ("j" + sweep[1:], sweep, owner))
+        conn.execute("INSERT INTO trials (sweep_id, trial, rung, job_id, params_json) VALUES (?, 0, 0, ?, '{}')",
+                     (sweep, "j" + sweep[1:]))
+    conn.commit()
+    conn.close()
+    with Store(db) as s:
+        assert s.get_sweep("sown0001")["owner"] == "alice"
+        assert s.get_sweep("snone001")["owner"] is None
+        assert [w["id"] for w in s.list_sweeps(team="ml")] == ["sown0001"]
+        # a new trial of an owned sweep is owned alike
+        assert s.get_job(s.add_trial("sown0001", trial=1, rung=0, params={}, spec={}, name="t1")).owner == "alice"
+
+
+def test_sweeps_record_their_owner_and_list_by_owner_and_team(store: Store) -> None:
+    team_and_user(store)
+    store.create_team("nlp")
+    store.create_user("bob", "nlp")
+    mine = store.create_sweep("a", {}, 5.0, owner="alice")
+    theirs = store.create_sweep("b", {}, 5.0, owner="bob")
+    plain = store.create_sweep("c", {}, 5.0)
+    with pytest.raises(StoreError):
+        store.create_sweep("d", {}, 5.0, owner="nobody")
+    job = store.add_trial(mine, trial=0, rung=0, params={"lr": 1}, spec={}, name="a/t0")
+    assert store.get_job(job).owner == "alice"
+    assert store.get_job(store.add_trial(plain, trial=0, rung=0, params={}, spec={}, name="c/t0")).owner is None
+    assert [w["id"] for w in store.list_sweeps(owner="alice")] == [mine]
+    assert [w["id"] for w in store.list_sweeps(team="nlp")] == [theirs]
+    assert {w["id"] for w in store.list_sweeps()} == {mine, theirs, plain}
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,38 +10,43 @@ admin's only).
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from orchestrator.store import Store
 from tests.test_cli import tf
+from tests.test_cli_client import run
 from tests.test_server import DATA, JOB, REPO, Server, body, make_accounts
 
 SWEEP = REPO / "examples" / "sweep-tiny.yaml"
 
 
-def _sweep(home: Path, owner: str | None) -> str:
-    sweep_id = json.loads(tf(home, "sweep", str(SWEEP), "--json", check=True).stdout)["id"]
-    if owner is not None:  # sweeps are queued from the server machine for now; give its trials an owner
-        with sqlite3.connect(home / "state.db") as c:
-            c.execute("UPDATE jobs SET owner = ? WHERE sweep_id = ?", (owner, sweep_id))
-    return sweep_id
+def _sweep(home: Path) -> str:
+    """A sweep started on the server machine itself, without an account (an admin's)."""
+    return json.loads(tf(home, "sweep", str(SWEEP), "--json", check=True).stdout)["id"]
+
+
+def as_client(server, token: str, home: Path, *args: str):
+    """The CLI as the server's client, with ``token``, on a home of its own."""
+    return run({"TUNEFLEET_HOME": str(home), "TUNEFLEET_SERVER": server.url, "TUNEFLEET_TOKEN": token}, *args)
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     home = tmp_path_factory.mktemp("fleet-home")
     tokens = make_accounts(home)
-    sweeps = {"alice": _sweep(home, "alice"), "nobody": _sweep(home, None)}
     job_dir = tmp_path_factory.mktemp("fleet-job")
     (job_dir / "data").mkdir()
     (job_dir / "data" / "train.jsonl").write_bytes(DATA)
     (job_dir / "job.yaml").write_text(JOB)
     server = Server(home, "--rate", "0")
     try:
+        started = as_client(server, tokens["alice"], tmp_path_factory.mktemp("alice"), "sweep", str(SWEEP), "--json")
+        assert started.returncode == 0, started.stderr
+        sweeps = {"alice": json.loads(started.stdout)["id"], "nobody": _sweep(home)}
         yield {"server": server, "tokens": tokens, "home": home, "sweeps": sweeps, "job": job_dir / "job.yaml"}
     finally:
         server.stop()
@@ -107,6 +112,60 @@ def test_sweep_status_is_the_clis_for_those_who_may_see_it(fleet):
     assert len(cli["trials"]) == 4 and cli["id"] == mine
 
 
+def test_a_sweep_started_through_the_server_is_its_starters(fleet):
+    s, t, sweeps, home = fleet["server"], fleet["tokens"], fleet["sweeps"], fleet["home"]
+    mine = sweeps["alice"]
+    with Store(home / "state.db") as store:
+        assert store.get_sweep(mine)["owner"] == "alice"
+        trials = store.trials(mine)
+        assert len(trials) == 4 and {store.get_job(x["job_id"]).owner for x in trials} == {"alice"}
+        # its inputs were uploaded and staged: the trial jobs name nothing on the client's disk
+        spec = store.get_job(trials[0]["job_id"]).spec
+        assert all(not d["path"].startswith(str(REPO)) for d in spec["datasets"])
+    seen = {who: {x["id"] for x in s.client(t[who]).get("/sweeps").json()} for who in ("alice", "carol", "bob", "ann")}
+    assert seen["alice"] == seen["carol"] == {mine}  # her team's; the machine's own sweep is an admin's
+    assert seen["bob"] == set() and seen["ann"] == {mine, sweeps["nobody"]}
+
+
+def test_sweep_status_through_the_cli_client_is_byte_identical(fleet, tmp_path):
+    s, t, sweeps, home = fleet["server"], fleet["tokens"], fleet["sweeps"], fleet["home"]
+    for args in (("sweep", "status", sweeps["alice"][:4], "--json"), ("sweep", "status", sweeps["alice"]),
+                 ("sweep", "status", "sdeadbee")):
+        local = run({"TUNEFLEET_HOME": str(home)}, *args)
+        remote = as_client(s, t["ann"], tmp_path, *args)
+        assert (remote.returncode, remote.stdout, remote.stderr) == (local.returncode, local.stdout, local.stderr), args
+    other = as_client(s, t["bob"], tmp_path, "sweep", "status", sweeps["alice"])
+    assert other.returncode == 1 and f"no sweep {sweeps['alice']!r}" in other.stderr
+
+
+def test_bad_sweeps_get_422_and_queue_nothing(fleet, tmp_path):
+    s, t, home = fleet["server"], fleet["tokens"], fleet["home"]
+    sweep_text = SWEEP.read_text().replace("base: qlora-tiny.yaml", "base: base.yaml")
+    good_files = {"data/train.jsonl": body()["files"]["data/train.jsonl"]}
+    cases = [
+        ({"yaml": SWEEP.read_text(), "base": JOB, "files": good_files}, "base"),  # base: not the uploaded one
+        ({"yaml": sweep_text, "base": JOB.replace("max_steps: 10", "max_step: 10"), "files": good_files},
+         "base.max_step"),
+        ({"yaml": sweep_text, "base": JOB, "files": {}}, "base.datasets"),  # the dataset was not uploaded
+        ({"yaml": sweep_text.replace("learning_rate:", "learning_rat:"), "base": JOB, "files": good_files},
+         "learning_rat"),
+        ({"yaml": sweep_text, "base": JOB, "files": {**good_files, "base.yaml": "eA=="}}, "files.base.yaml"),
+    ]
+    with Store(home / "state.db") as store:
+        before = (len(store.list_sweeps()), len(store.list_jobs()))
+        for payload, where in cases:
+            r = s.client(t["alice"]).post("/sweeps", json=payload)
+            assert r.status_code == 422, (where, r.text)
+            assert where in r.text and "tunefleet-sweep-" not in r.text, (where, r.text)
+        assert (len(store.list_sweeps()), len(store.list_jobs())) == before
+    # the CLI says it before sending anything, with the local file's own messages
+    bad = tmp_path / "sweep.yaml"
+    bad.write_text(SWEEP.read_text().replace("base: qlora-tiny.yaml", f"base: {SWEEP.parent / 'qlora-tiny.yaml'}")
+                   .replace("budget_usd: 1.0", "budget_usd: -1"))
+    out = as_client(s, t["alice"], tmp_path, "sweep", str(bad))
+    assert out.returncode == 2 and "budget_usd" in out.stderr and "nothing was queued" in out.stderr
+
+
 def test_another_teams_sweep_is_404_like_one_that_does_not_exist(fleet):
     s, t, sweeps = fleet["server"], fleet["tokens"], fleet["sweeps"]
     gone = s.client(t["bob"]).get("/sweeps/sdeadbee")
@@ -164,14 +223,15 @@ def test_server_load_benchmark_smoke():
                            "--json"], cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout)
-    sqlite = r["backends"]["sqlite"]
-    assert r["backends"]["postgres"] == "not yet"
-    assert sqlite["errors"] == 0, sqlite["error_kinds"]
-    assert sqlite["answered"] > 0 and sqlite["throughput_rps"] > 0
-    assert set(sqlite["kinds"]) == {"status", "list", "submit"}
-    for k in ("n", "p50_ms", "p99_ms"):
-        assert k in sqlite["kinds"]["status"]
-    assert sqlite["kinds"]["status"]["n"] > 0
-    assert r["direct"]["errors"] == 0 and r["direct"]["status"]["n"] > 0
-    assert set(r["ratio_server_over_direct"]) == {"status_p50", "throughput"}
-    assert set(r["targets_met"]) == {"errors", "status_p99"} and r["targets_met"]["errors"] is True
+    assert set(r["backends"]) == {"sqlite", "postgres"}
+    for backend, served in r["backends"].items():
+        assert served["errors"] == 0, (backend, served["error_kinds"])
+        assert served["answered"] > 0 and served["throughput_rps"] > 0
+        assert set(served["kinds"]) == {"status", "list", "submit"}
+        for k in ("n", "p50_ms", "p99_ms"):
+            assert k in served["kinds"]["status"]
+        assert served["kinds"]["status"]["n"] > 0
+        assert r["direct"][backend]["errors"] == 0 and r["direct"][backend]["status"]["n"] > 0
+        assert set(r["ratio_server_over_direct"][backend]) == {"status_p50", "throughput"}
+        met = r["targets_met"][backend]
+        assert set(met) == {"errors", "status_p99"} and met["errors"] is True

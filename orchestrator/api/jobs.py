@@ -104,8 +104,7 @@ def submit(body: SubmitBody, request: Request, caller: Auth) -> dict[str, Any]:
             spec = load_job_text(body.yaml, base_dir=folder, source_name="job.yaml", known_providers=PROVIDERS,
                                  now=time.time(), warnings=warnings)
         except JobFileError as exc:
-            raise HTTPException(422, [{"loc": p.loc, "line": p.line, "message": p.message} for p in exc.problems]) \
-                from None
+            raise HTTPException(422, job_problems(exc, folder)) from None
         _only_uploaded(spec, folder, config)
         from infra.storage import StorageError
         from jobs.inputs import InputError
@@ -119,6 +118,14 @@ def submit(body: SubmitBody, request: Request, caller: Auth) -> dict[str, Any]:
         return {"id": job_id, "warnings": warnings}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def job_problems(exc, folder: Path, loc_prefix: str = "") -> list[dict[str, Any]]:
+    """A JobFileError as the 422 body: validate's key paths, lines and messages, with the upload's
+    temporary folder taken out (the caller knows the files by the names they sent)."""
+    inside = str(folder) + os.sep
+    return [{"loc": loc_prefix + p.loc, "line": p.line, "message": p.message.replace(inside, "")}
+            for p in exc.problems]
 
 
 def _unpack(files: dict[str, str], folder: Path) -> None:

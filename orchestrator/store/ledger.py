@@ -196,15 +196,18 @@ class LedgerMixin(AttemptsMixin):
 
     # -- sweeps -------------------------------------------------------------------------------
 
-    def create_sweep(self, name: str, spec: dict[str, Any], budget_usd: float) -> str:
+    def create_sweep(self, name: str, spec: dict[str, Any], budget_usd: float, *, owner: str | None = None) -> str:
+        """A running sweep (its trials come with ``add_trial``); ``owner`` owns it and its trial jobs."""
         spec_json = dump_dict(spec, "spec")
         now = self._now()
         with self._write() as c:
+            if owner is not None:
+                self._check_owner(c, owner)
             sweep_id = self._free_id(c, "sweeps", lambda: "s" + uuid.uuid4().hex[:7], "sweep")
             c.execute(
-                "INSERT INTO sweeps (id, name, spec_json, state, budget_usd, created_at, updated_at)"
-                " VALUES (?, ?, ?, 'running', ?, ?, ?)",
-                (sweep_id, name, spec_json, float(budget_usd), now, now),
+                "INSERT INTO sweeps (id, name, spec_json, state, budget_usd, created_at, updated_at, owner)"
+                " VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
+                (sweep_id, name, spec_json, float(budget_usd), now, now, owner),
             )
         return sweep_id
 
@@ -217,7 +220,10 @@ class LedgerMixin(AttemptsMixin):
         params_json = dump_dict(params, "params")
         now = self._now()
         with self._write() as c:
-            job_id = self._insert_job(c, spec_json, name, priority, sweep_id, now)
+            row = c.execute("SELECT owner FROM sweeps WHERE id = ?", (sweep_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"no sweep {sweep_id!r}")
+            job_id = self._insert_job(c, spec_json, name, priority, sweep_id, now, owner=row[0])
             c.execute(
                 "INSERT INTO trials (sweep_id, trial, rung, job_id, params_json) VALUES (?, ?, ?, ?, ?)",
                 (sweep_id, trial, rung, job_id, params_json),
@@ -241,6 +247,25 @@ class LedgerMixin(AttemptsMixin):
         d = dict(row)
         d["spec"] = json.loads(d.pop("spec_json"))
         return d
+
+    def list_sweeps(self, *, owner: str | None = None, team: str | None = None) -> list[dict[str, Any]]:
+        """Sweeps, newest first: {id, name, state, budget_usd, spent_usd, owner, created_at}; only
+        ``owner``'s, or only those owned by a member of ``team``, when given."""
+        sql = ("SELECT s.id, s.name, s.state, s.budget_usd, s.owner, s.created_at,"
+               " (SELECT COALESCE(SUM(j.cost_usd), 0) FROM jobs j WHERE j.sweep_id = s.id) FROM sweeps s")
+        where, params = [], []
+        if owner is not None:
+            where.append("s.owner = ?")
+            params.append(owner)
+        if team is not None:
+            where.append("s.owner IN (SELECT name FROM users WHERE team = ?)")
+            params.append(team)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        with self._read() as c:
+            rows = c.execute(sql + " ORDER BY s.created_at DESC, s.id", params).fetchall()
+        return [{"id": r[0], "name": r[1], "state": r[2], "budget_usd": r[3], "spent_usd": round(float(r[6]), 6),
+                 "owner": r[4], "created_at": r[5]} for r in rows]
 
     def sweep_ids(self) -> list[str]:
         with self._read() as c:

@@ -256,10 +256,18 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_owner ON jobs (owner, created_at);
     CREATE INDEX spend_owner_ts ON spend (owner, ts);
     """,
+    # v9: sweeps record their owner too (a sweep submitted through the team server); its trial jobs
+    # get the same owner. An older sweep takes the owner of its trial jobs.
+    """
+    ALTER TABLE sweeps ADD COLUMN owner TEXT NULL REFERENCES users (name);
+    UPDATE sweeps SET owner = (SELECT MIN(j.owner) FROM trials t JOIN jobs j ON j.id = t.job_id
+                               WHERE t.sweep_id = sweeps.id);
+    CREATE INDEX sweeps_owner ON sweeps (owner, created_at);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
-assert SCHEMA_VERSION == 8
+assert SCHEMA_VERSION == 9
 
 
 def split_sql(script: str) -> Iterator[str]:
