@@ -577,9 +577,14 @@ def report(
         raise CliError(f"--out {out} is a folder; give a file name, e.g. {out / 'tunefleet-report.html'}", 2)
     if not out.parent.is_dir():
         raise CliError(f"--out {out}: the folder {out.parent} does not exist; create it first", 2)
-    config = _config()
-    with _store(config) as store:
-        page = build_report(store, config)
+    client = remote()
+    if client is not None:
+        page = client.fetch("/report")
+        page = page.decode() if page is not None else ""
+    else:
+        config = _config()
+        with _store(config) as store:
+            page = build_report(store, config)
     try:
         out.write_text(page, encoding="utf-8")
     except OSError as exc:
@@ -680,25 +685,12 @@ def demo(
         raise CliError(f"demo job ended {summary['state']}: {summary.get('reason')}")
 
 
-# Commands that read this machine's store and are not served by the team server yet: with a server
-# configured they refuse (exit 2) rather than answer about a store the user did not mean.
-NOT_SERVED = ("report", "pull", "export", "eval")
-
-
 @app.callback()
 def _options(
     ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected error.")] = False,
 ) -> None:
     """Run LLM fine-tuning jobs on the cheapest capacity that can do them, and survive preemption."""
-    from orchestrator.client import server_url
-
-    if ctx.invoked_subcommand in NOT_SERVED and not {"--help", "-h"} & set(sys.argv[1:]):
-        url = server_url()
-        if url is not None:
-            raise CliError(f"tunefleet {ctx.invoked_subcommand} is not available through the server ({url}) yet: "
-                           "run it on the server machine, or unset TUNEFLEET_SERVER (and tunefleet logout) to use "
-                           "this machine's store", 2)
 
 
 def main() -> None:

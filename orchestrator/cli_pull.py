@@ -29,14 +29,8 @@ META_FILE = "tunefleet_pull.json"  # what was pulled: the job, the step, the sou
 
 def _find(job: str, step: int | None):
     """(job row, its store, the committed folder to fetch): the final adapter, or checkpoint ``step``."""
-    from infra.storage import open_store
-
-    config = _config()
-    with _store(config) as store:
-        job_id = _job_id(store, job)
-        row = store.get_job(job_id)
-    uri = (row.spec.get("checkpoint") or {}).get("store") or config.default_store
-    ckpt = open_store(uri)
+    row, ckpt, uri = _locate(job)
+    job_id = row.id
     if step is None:
         ref = ckpt.final(job_id)
         if ref is None:
@@ -52,6 +46,31 @@ def _find(job: str, step: int | None):
             have = ", ".join(map(str, sorted(refs))) or "none"
             raise CliError(f"{job_id} has no committed checkpoint at step {step} (committed: {have})")
     return row, ckpt, ref
+
+
+def _locate(job: str):
+    """(job row, its checkpoint store, the store's URI): from this machine's store, or, with a team
+    server configured, through the server (a read-only store of the job's own objects)."""
+    from infra.storage import open_store
+    from orchestrator.client import remote
+
+    client = remote()
+    if client is not None:
+        from types import SimpleNamespace
+
+        from orchestrator.client import resolve_job_id
+        from orchestrator.client_store import ServerStore
+
+        job_id = resolve_job_id(client, job)
+        info = client.request("GET", f"/jobs/{job_id}/spec")
+        row = SimpleNamespace(id=job_id, spec=info["spec"], state=JobState(info["state"]))
+        ckpt = ServerStore(client, job_id, info["store_root"])
+        return row, ckpt, (row.spec.get("checkpoint") or {}).get("store") or ckpt.uri
+    config = _config()
+    with _store(config) as store:
+        row = store.get_job(_job_id(store, job))
+    uri = (row.spec.get("checkpoint") or {}).get("store") or config.default_store
+    return row, open_store(uri), uri
 
 
 def _free(target: Path) -> None:

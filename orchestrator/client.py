@@ -152,6 +152,41 @@ class Client:
             except ValueError:
                 raise CliError(f"server at {self.url} answered {r.status_code} with a body that is not JSON") from None
 
+    def download(self, path: str, dest: Path) -> bool:
+        """``GET path`` streamed into ``dest`` (whole or not at all); False on 404; a CliError otherwise."""
+        import httpx
+
+        part = dest.with_name(f".{dest.name}.part")
+        for attempt in range(2):
+            try:
+                with self._http() as http, http.stream("GET", path) as r:
+                    if r.status_code == 404:
+                        return False
+                    if r.status_code == 429 and attempt == 0:
+                        time.sleep(_retry_after(r))
+                        continue
+                    if r.status_code >= 400:
+                        r.read()
+                        raise self.error(r.status_code, _detail(r))
+                    with open(part, "wb") as f:
+                        for chunk in r.iter_bytes(1 << 20):
+                            f.write(chunk)
+                os.replace(part, dest)
+                return True
+            except httpx.HTTPError:
+                raise self.unreachable() from None
+            finally:
+                part.unlink(missing_ok=True)
+        raise CliError(f"rate limited by the server at {self.url}")
+
+    def fetch(self, path: str) -> bytes | None:
+        """The body of ``GET path`` (a small object); None on 404."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="tunefleet-get.") as tmp:
+            dest = Path(tmp) / "body"
+            return dest.read_bytes() if self.download(path, dest) else None
+
     @contextlib.contextmanager
     def stream(self, path: str, params: dict[str, Any] | None = None) -> Iterator[Iterator[tuple[str, str]]]:
         """Server-sent events of ``GET path`` as (event, data) pairs."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import time
+from collections.abc import Callable
 from typing import Any
 
 from infra.storage import StorageError, open_store
@@ -85,11 +86,16 @@ def _final_meta(job) -> dict[str, Any]:
     return ref.meta if ref else {}
 
 
-def build_report(store, config, now: float | None = None) -> str:
+def build_report(store, config, now: float | None = None,
+                 sees: Callable[[str | None], bool] | None = None) -> str:
+    """The report's HTML. ``sees(owner)``: on a team server, only the sweeps, jobs and spend of the
+    owners the caller may see (their team's; an admin's is everything)."""
     now = now or time.time()
+    seen = sees or (lambda _owner: True)
+    sweep_ids = [s for s in store.sweep_ids() if seen(store.get_sweep(s).get("owner"))]
     sections = []
     # 1. loss curves: every sweep's trials (rungs joined), then recent standalone jobs
-    for sweep_id in store.sweep_ids():
+    for sweep_id in sweep_ids:
         sweep = store.get_sweep(sweep_id)
         by_trial: dict[int, list[tuple[float, float]]] = {}
         for t in store.trials(sweep_id):
@@ -98,7 +104,7 @@ def build_report(store, config, now: float | None = None) -> str:
         series = [(f"trial {k} {_params(store, sweep_id, k)}", pts) for k, pts in sorted(by_trial.items())]
         sections.append(line_chart(f"Sweep {sweep['name']} ({sweep_id}): eval loss per trial", series,
                                    xlabel="step", ylabel="eval loss"))
-    jobs = [j for j in store.list_jobs(limit=200) if not j.sweep_id][:10]
+    jobs = [j for j in store.list_jobs(limit=200) if not j.sweep_id and seen(j.owner)][:10]
     series, evals = [], set()
     for job in jobs:
         meta = _final_meta(job)
@@ -111,7 +117,7 @@ def build_report(store, config, now: float | None = None) -> str:
                                dashed=frozenset(evals)))
     sections.append(_jobs_table(store, jobs))
     # 2. spend over time against the budgets
-    rows = store.spend_rows()
+    rows = [r for r in store.spend_rows() if seen(r.get("owner"))]
     total, pts = 0.0, []
     for r in rows:
         total += r["usd"]
@@ -119,7 +125,7 @@ def build_report(store, config, now: float | None = None) -> str:
     hlines = []
     if config.budget_monthly_usd is not None:
         hlines.append(("monthly budget", config.budget_monthly_usd))
-    for sweep_id in store.sweep_ids():
+    for sweep_id in sweep_ids:
         sweep = store.get_sweep(sweep_id)
         hlines.append((f"sweep {sweep['name']} budget", sweep["budget_usd"]))
     sections.append(line_chart("Cumulative spend", [("recorded spend", pts)], xlabel="hours ago (0 = now)",
@@ -127,6 +133,8 @@ def build_report(store, config, now: float | None = None) -> str:
     # 3. the team's own machines: attempts running at once on the local provider
     events = []
     for job in store.list_jobs(limit=2000):
+        if not seen(job.owner):
+            continue
         for a in store.attempts_for(job.id):
             if a.provider == "local" and a.started_at:
                 events += [(a.started_at, 1), (a.ended_at or now, -1)]
@@ -137,9 +145,13 @@ def build_report(store, config, now: float | None = None) -> str:
         curve.append(((ts - now) / 3600.0, busy))
     sections.append(line_chart("Local capacity in use (attempts running at once)", [("local attempts", curve)],
                                xlabel="hours ago (0 = now)", ylabel="attempts", markers=False))
-    month = store.spend_since(month_start(now))
+    if sees is None:
+        month, n_jobs = store.spend_since(month_start(now)), sum(store.count_jobs_by_state().values())
+    else:
+        month = sum(r["usd"] for r in rows if r["ts"] >= month_start(now))
+        n_jobs = sum(1 for j in store.list_jobs() if seen(j.owner))
     head = (f"<p>Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(now))}. "
-            f"Jobs: {sum(store.count_jobs_by_state().values())}; spend this month ${month:.2f}"
+            f"Jobs: {n_jobs}; spend this month ${month:.2f}"
             + (f" of ${config.budget_monthly_usd:.2f}" if config.budget_monthly_usd is not None else "") + ".</p>")
     return (
         "<!doctype html><html><head><meta charset=utf-8><title>tunefleet report</title><style>"

@@ -173,8 +173,8 @@ def test_login_writes_0600_file_and_logout_removes_it(world, tmp_path):
     assert json.loads(creds.read_text()) == {"url": world["server"].url, "token": world["tokens"]["ann"]}
     listed = run(env, "status", "--json")  # the stored login, no env
     assert listed.returncode == 0 and world["jobs"][0] in {j["id"] for j in json.loads(listed.stdout)}
-    refused = run(env, "report")
-    assert refused.returncode == 2 and "not available through the server" in refused.stderr
+    page = run(env, "report", "--out", str(tmp_path / "r.html"))  # through the server, with the stored login
+    assert page.returncode == 0 and world["jobs"][0] in (tmp_path / "r.html").read_text()
     assert run(env, "logout").returncode == 0
     assert not creds.exists()
     after = run(env, "status", "--json")  # this machine's (empty) store again
@@ -265,3 +265,25 @@ def test_the_client_never_shows_its_token_in_a_repr():
     from orchestrator.client import Client
 
     assert "tf_secret" not in repr(Client("http://127.0.0.1:1", "tf_secret"))
+
+
+def test_report_through_the_server_is_the_server_machines_for_an_admin_and_a_members_own_teams(world, tmp_path):
+    import re
+
+    def page(env: dict[str, str], name: str) -> str:
+        out = run(env, "report", "--out", str(tmp_path / name))
+        assert out.returncode == 0, out.stderr
+        return (tmp_path / name).read_text()
+
+    def facts(html: str) -> tuple:
+        """What does not move with the second it was drawn (charts are drawn in hours before now)."""
+        return (re.search(r"Jobs: \d+; spend this month \$[\d.]+", html).group(0), re.findall(r"<h3>.*?</h3>", html),
+                re.search(r"<table>.*?</table>", html).group(0))
+
+    assert facts(page(world["client"], "admin.html")) == facts(page(world["embedded"], "local.html"))
+    with Store(world["home"] / "state.db") as store:
+        store.create_team("nlp2")
+        store.create_user("bea", "nlp2", "member")
+        bea = store.create_token("bea")[1]
+    other = page({**world["client"], "TUNEFLEET_TOKEN": bea}, "other.html")
+    assert "Jobs: 0;" in other and not any(j in other for j in world["jobs"])

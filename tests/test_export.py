@@ -146,3 +146,33 @@ def test_eval_prints_perplexity_and_greedy_completions_of_base_plus_adapter(succ
     bad.write_text('{"question": "no prompt key"}\n')
     proc = tf(home, "eval", job_id, "--prompts", str(bad))
     assert proc.returncode == 2 and "bad.jsonl:1" in proc.stderr and "'prompt'" in proc.stderr
+
+
+def test_export_and_eval_through_the_team_server_match_the_server_machine(succeeded, tmp_path):
+    """A user with no access to the bucket: the adapter comes through the server's store routes,
+    every file checked; the merge and the completions run on the user's machine and come out the
+    same, byte for byte, as on the server machine."""
+    from tests.test_cli_client import run
+    from tests.test_server import Server, make_accounts
+
+    home, job_id, _ = succeeded
+    tokens = make_accounts(home)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Name a colour.\n")
+    server = Server(home, "--rate", "0")
+    try:
+        client = {"TUNEFLEET_HOME": str(tmp_path), "TUNEFLEET_SERVER": server.url, "TUNEFLEET_TOKEN": tokens["ann"]}
+        args = ("eval", job_id, "--prompts", str(prompts), "--max-new-tokens", "8", "--json")
+        local, remote = run({"TUNEFLEET_HOME": str(home)}, *args), run(client, *args)
+        assert remote.returncode == local.returncode == 0, remote.stderr
+        assert remote.stdout == local.stdout
+        local = run({"TUNEFLEET_HOME": str(home)}, "export", job_id, str(tmp_path / "l"), "--merge", "--dtype", "fp32")
+        remote = run(client, "export", job_id, str(tmp_path / "r"), "--merge", "--dtype", "fp32")
+        assert remote.returncode == local.returncode == 0, remote.stderr
+        tree = {p.relative_to(tmp_path / "l").as_posix(): p.read_bytes() for p in (tmp_path / "l").rglob("*") if p.is_file()}
+        assert tree and tree == {p.relative_to(tmp_path / "r").as_posix(): p.read_bytes()
+                                 for p in (tmp_path / "r").rglob("*") if p.is_file()}
+        denied = run({**client, "TUNEFLEET_TOKEN": tokens["bob"]}, "eval", job_id, "--prompts", str(prompts))
+        assert denied.returncode == 1 and "no job id starts with" in denied.stderr
+    finally:
+        server.stop()

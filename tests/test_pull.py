@@ -151,3 +151,92 @@ def test_status_of_a_succeeded_job_shows_its_eval_loss_and_perplexity(world):
     s = json.loads(tf(home, "status", job_id, "--json", check=True).stdout)
     assert s["eval_loss"] == 0.5 and s["perplexity"] == pytest.approx(math.exp(0.5))
     assert "perplexity 1.65" in tf(home, "status", job_id, check=True).stdout
+
+
+# -------------------------------------------------------------------- through a team server
+@pytest.fixture
+def served(world, tmp_path):
+    """``world`` behind a real ``tunefleet server``: ann (an admin) sees the job; bob (another team,
+    a member) does not (it was queued on the server machine without an account: an admin's)."""
+    from tests.test_server import Server, make_accounts
+
+    home = world[0]
+    tokens = make_accounts(home)
+    server = Server(home, "--rate", "0")
+    try:
+        yield server, tokens
+    finally:
+        server.stop()
+
+
+def _as(server, token: str, home: Path, *args: str):
+    from tests.test_cli_client import run
+
+    return run({"TUNEFLEET_HOME": str(home), "TUNEFLEET_SERVER": server.url, "TUNEFLEET_TOKEN": token}, *args)
+
+
+def test_pull_through_the_server_gets_the_same_verified_files_and_answers(world, served, tmp_path):
+    from tests.test_cli_client import run
+
+    home, _, ckpt, job_id, final = world
+    server, tokens = served
+    _succeed(home, job_id, ckpt, final)
+    client_home = tmp_path / "client"
+    client_home.mkdir()
+    local = run({"TUNEFLEET_HOME": str(home)}, "pull", job_id[:6], str(tmp_path / "here"), "--json")
+    remote = _as(server, tokens["ann"], client_home, "pull", job_id[:6], str(tmp_path / "there"), "--json")
+    assert local.returncode == remote.returncode == 0, remote.stderr
+    assert json.loads(remote.stdout) == {**json.loads(local.stdout), "dir": str((tmp_path / "there").resolve())}
+    assert _tree(tmp_path / "there") == _tree(tmp_path / "here")  # the facts file too: same source URI
+    # a checkpoint by step
+    local = run({"TUNEFLEET_HOME": str(home)}, "pull", job_id, str(tmp_path / "l10"), "--step", "10")
+    remote = _as(server, tokens["ann"], client_home, "pull", job_id, str(tmp_path / "r10"), "--step", "10")
+    assert remote.returncode == 0 and remote.stdout.replace("r10", "l10") == local.stdout
+    assert (tmp_path / "r10" / "adapter_model.safetensors").read_bytes() == bytes(range(256)) * 10
+    # the refusals, byte for byte
+    for args in (("pull", job_id, str(tmp_path / "s15"), "--step", "15"), ("pull", "jnosuch", str(tmp_path / "n")),
+                 ("pull", job_id, str(tmp_path / "here"))):
+        local = run({"TUNEFLEET_HOME": str(home)}, *args)
+        remote = _as(server, tokens["ann"], client_home, *args)
+        assert local.returncode != 0
+        assert (remote.returncode, remote.stdout, remote.stderr) == (local.returncode, local.stdout, local.stderr), args
+
+
+def test_pull_through_the_server_catches_a_corrupt_copy_and_writes_nothing(world, served, tmp_path):
+    home, root, ckpt, job_id, final = world
+    server, tokens = served
+    _succeed(home, job_id, ckpt, final)
+    stored = root / "ckpt" / job_id / "final" / "adapter_model.safetensors"
+    data = bytearray(stored.read_bytes())
+    data[7] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    proc = _as(server, tokens["ann"], tmp_path, "pull", job_id, str(tmp_path / "got"))
+    assert proc.returncode == 1 and "fails its sha256 check" in proc.stderr and "nothing was written" in proc.stderr
+    assert not (tmp_path / "got").exists()
+
+
+def test_the_store_routes_serve_only_what_the_caller_may_see_of_that_job(world, served, tmp_path):
+    home, root, ckpt, job_id, final = world
+    server, tokens = served
+    _succeed(home, job_id, ckpt, final)
+    ann, bob = server.client(tokens["ann"]), server.client(tokens["bob"])
+    spec = ann.get(f"/jobs/{job_id}/spec").json()
+    assert spec["store_root"] == ckpt.key_uri("") and spec["state"] == "succeeded"
+    [staged] = spec["spec"]["inputs"].values()  # the dataset, staged at submit
+    manifest = f"inputs/{staged['sha256']}/MANIFEST.json"
+    assert ann.get(f"/jobs/{job_id}/store/{manifest}").status_code == 200
+    assert ann.get(f"/jobs/{job_id}/store/{job_id}/final/adapter_config.json").content == b'{"r": 8}'
+    assert [k for k, _ in ann.get(f"/jobs/{job_id}/store", params={"prefix": f"{job_id}/final/"}).json()]
+    # another team's member: the job does not exist for them
+    for path in (f"/jobs/{job_id}/spec", f"/jobs/{job_id}/store/{job_id}/final/adapter_config.json"):
+        r = bob.get(path)
+        assert r.status_code == 404 and job_id in r.text
+    # nothing outside the job's own objects and its staged inputs, however the key is spelled
+    other = ckpt.commit_final("jother00", final, {"step": 1})
+    assert other.uri.endswith("jother00/final/")
+    for key in ("jother00/final/adapter_config.json", f"{job_id}/../jother00/final/adapter_config.json",
+                "inputs/" + "0" * 64 + "/MANIFEST.json", f"{job_id}%2F..%2Fjother00/final/adapter_config.json"):
+        r = ann.get(f"/jobs/{job_id}/store/{key}")
+        assert r.status_code == 404, (key, r.status_code)
+    assert ann.get(f"/jobs/{job_id}/store", params={"prefix": "jother00/"}).status_code == 404
+    assert ann.get(f"/jobs/{job_id}/store", params={"prefix": ""}).status_code == 404

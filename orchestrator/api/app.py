@@ -102,7 +102,7 @@ class Metrics:
 def create_app(config: Config, store, *, max_body_bytes: int = MAX_BODY_BYTES, rate: float = 20.0,
                burst: int = 40) -> FastAPI:
     """The API over ``store`` (an open :class:`orchestrator.store.Store`, shared by all requests)."""
-    from orchestrator.api import fleet, jobs
+    from orchestrator.api import artifacts, fleet, jobs
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -119,6 +119,7 @@ def create_app(config: Config, store, *, max_body_bytes: int = MAX_BODY_BYTES, r
     app.state.started = time.time()
     app.include_router(jobs.router, prefix=API_PREFIX)
     app.include_router(fleet.router, prefix=API_PREFIX)
+    app.include_router(artifacts.router, prefix=API_PREFIX)
 
     @app.middleware("http")
     async def observe(request: Request, call_next):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.api.auth import Caller, authenticate
@@ -152,6 +153,18 @@ def start_sweep(body: SweepBody, request: Request, caller: Auth) -> dict[str, An
         return {"id": sweep_id}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@router.get("/report", tags=["fleet"], response_class=HTMLResponse)
+def report(request: Request, caller: Auth) -> HTMLResponse:
+    """``tunefleet report``'s self-contained HTML page, over what the caller may see: their team's
+    sweeps, jobs and spend (an admin: everything)."""
+    from orchestrator.report import build_report
+
+    access = request.app.state.access
+    page = build_report(request.app.state.store, request.app.state.config,
+                        sees=lambda owner: access.sees(caller, owner))
+    return HTMLResponse(page)
 
 
 @router.get("/sweeps", tags=["sweeps"])
