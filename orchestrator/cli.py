@@ -32,7 +32,7 @@ from orchestrator.cli_base import (
 )
 from orchestrator.budget import usd
 from orchestrator.client import remote, resolve_job_id
-from orchestrator.queue import job_summary, submit_spec, with_eval
+from orchestrator.queue import job_summaries, job_summary, submit_spec, with_eval
 from orchestrator.states import JobState
 
 MAX_PRIORITY = 1_000_000  # jobs.spec.MAX_PRIORITY (not imported here: the CLI starts without pydantic models)
@@ -153,7 +153,7 @@ def status(
     config = _config()
     with _store(config) as store:
         if job is None:
-            rows = [job_summary(store, j) for j in store.list_jobs(limit=limit)]
+            rows = job_summaries(store, store.list_jobs(limit=limit))
             if json_out:
                 _emit_json(rows)
             elif rows:

@@ -36,11 +36,19 @@ def stage_inputs(doc: dict[str, Any], progress=None) -> dict[str, Any]:
     return stage(doc, open_store(doc["checkpoint"]["store"]), progress)
 
 
-def job_summary(store, job, now: float | None = None) -> dict[str, Any]:
-    """The machine-readable status of one job (``tunefleet status JOB --json``). ``owner`` is there
-    only for a job that has one, so an embedded store's output keeps its shape."""
+def job_summaries(store, jobs, now: float | None = None) -> list[dict[str, Any]]:
+    """``job_summary`` of each job, with their attempts read in one query (``tunefleet status --json``)."""
     now = now or time.time()
-    attempts = store.attempts_for(job.id)
+    attempts = store.attempts_for_jobs([j.id for j in jobs])
+    return [job_summary(store, j, now, attempts=attempts[j.id]) for j in jobs]
+
+
+def job_summary(store, job, now: float | None = None, *, attempts: list | None = None) -> dict[str, Any]:
+    """The machine-readable status of one job (``tunefleet status JOB --json``). ``owner`` is there
+    only for a job that has one, so an embedded store's output keeps its shape. ``attempts``: the
+    job's, when the caller has read them already."""
+    now = now or time.time()
+    attempts = store.attempts_for(job.id) if attempts is None else attempts
     live = next((a for a in attempts if a.live), None)
     cost = job.cost_usd
     if live is not None and live.usd_per_hour > 0:  # accrues from the launch, as providers bill

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from orchestrator.store import Store
 from tests.test_cli import tf
@@ -235,3 +237,22 @@ def test_server_load_benchmark_smoke():
         assert set(r["ratio_server_over_direct"][backend]) == {"status_p50", "throughput"}
         met = r["targets_met"][backend]
         assert set(met) == {"errors", "status_p99"} and met["errors"] is True
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=12))
+def test_fuzzed_sweep_bodies_never_500_and_never_half_queue(fleet, payload):
+    """Also with a valid base job and its files: only the sweep text is fuzzed there."""
+    s, t, home = fleet["server"], fleet["tokens"], fleet["home"]
+    files = {"data/train.jsonl": body()["files"]["data/train.jsonl"]}
+    doc = payload if isinstance(payload, dict) else {"search": payload}
+    sweep_text = json.dumps({**doc, "base": "base.yaml"})
+    with Store(home / "state.db") as store:
+        for data in (payload, {"yaml": payload, "base": JOB}, {"yaml": sweep_text, "base": JOB, "files": files}):
+            before = (len(store.list_sweeps()), len(store.list_jobs()))
+            r = s.client(t["alice"]).post("/sweeps", json=data)
+            assert r.status_code in (201, 422), (r.status_code, r.text)
+            assert r.status_code == 201 or (len(store.list_sweeps()), len(store.list_jobs())) == before

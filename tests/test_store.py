@@ -974,3 +974,43 @@ def test_database_url_in_config_and_environment(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(ConfigError, match="TUNEFLEET_DATABASE_URL: database_url: .*postgresql://USER") as info:
         load_config(tmp_path)
     assert "s3cret" not in str(info.value)
+
+
+def test_attempts_for_jobs_is_attempts_for_of_each(store: Store) -> None:
+    busy, _ = running_job(store)
+    idle = store.submit({}, name="idle")
+    got = store.attempts_for_jobs([busy, idle, busy])
+    assert got == {busy: store.attempts_for(busy), idle: []}
+    assert store.attempts_for_jobs([]) == {}
+
+
+def test_postgres_pool_serves_many_threads_with_at_most_its_size(postgres: Any) -> None:
+    from orchestrator.store.base import PG_POOL_SIZE
+
+    url = postgres.database()
+    errors: list[BaseException] = []
+    peak = [0]
+    with Store(url) as s:
+        jobs = [s.submit({"i": i}, name=f"j{i}") for i in range(5)]
+
+        def work() -> None:
+            try:
+                for _ in range(20):
+                    assert len(s.list_jobs()) == 5 and s.get_job(jobs[0]).name == "j0"
+                    s.add_event(jobs[1], "log", "x")
+            except BaseException as e:  # noqa: BLE001 - asserted below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work) for _ in range(3 * PG_POOL_SIZE)]
+        c = raw(url)
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            n = c.execute("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database()"
+                          " AND pid <> pg_backend_pid()").fetchone()[0]
+            peak[0] = max(peak[0], n)
+            time.sleep(0.005)
+        c.close()
+        assert errors == []
+        assert len(s.events(jobs[1])) == 1 + 20 * 3 * PG_POOL_SIZE  # every write landed, once
+    assert 1 <= peak[0] <= PG_POOL_SIZE

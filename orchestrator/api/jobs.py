@@ -173,7 +173,7 @@ def list_jobs(request: Request, caller: Auth,
               owner: Annotated[str | None, Query(description="Only this user's jobs.")] = None,
               limit: Annotated[int, Query(ge=1, le=100_000)] = 50) -> list[dict[str, Any]]:
     """The jobs the caller may see, newest first (``tunefleet status --json``)."""
-    from orchestrator.queue import job_summary
+    from orchestrator.queue import job_summaries
     from orchestrator.states import JobState
 
     store, access = request.app.state.store, request.app.state.access
@@ -183,7 +183,7 @@ def list_jobs(request: Request, caller: Auth,
         raise HTTPException(422, f"state must be one of {', '.join(s.value for s in JobState)}") from None
     team = None if caller.admin else caller.user.team
     rows = store.list_jobs(states=states, limit=limit, owner=owner, team=team)
-    return [job_summary(store, j) for j in rows if access.sees(caller, j.owner)]
+    return job_summaries(store, [j for j in rows if access.sees(caller, j.owner)])
 
 
 @router.get("/jobs/{job_id}", tags=["jobs"])

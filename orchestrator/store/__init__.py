@@ -81,10 +81,10 @@ __all__ = [
 
 
 class Store(AccountsMixin, LedgerMixin):
-    """The state store: jobs, attempts, events, spend, sweeps, accounts. One SQLite connection per object;
-    safe to share between threads (every use of the connection goes through one lock)."""
+    """The state store: jobs, attempts, events, spend, sweeps, accounts. Safe to share between threads
+    (one SQLite connection behind a lock, or a small Postgres pool: ``StoreBase``)."""
 
     def schema_version(self) -> int:
         """The schema version of the open file (``SCHEMA_VERSION`` once it is open)."""
-        with self._read():
-            return self._schema_version()
+        with self._read() as c:
+            return self._schema_version(c)

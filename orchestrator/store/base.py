@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from orchestrator.states import JobState
 from orchestrator.store.rows import (
@@ -31,16 +31,21 @@ from orchestrator.store.engines import BUSY_TIMEOUT_S, PostgresEngine, open_engi
 from orchestrator.store.schema import MIGRATIONS, SCHEMA_VERSION, split_sql
 
 _BUSY_TIMEOUT_MS = int(BUSY_TIMEOUT_S * 1000)
+PG_POOL_SIZE = 8  # Postgres connections per Store at most (the server's request threads share them)
 MAX_ID_TRIES = 32  # random ids drawn before giving up on finding a free one
 
 class StoreBase:
-    """The connection, its lock and its transactions. One SQLite connection per object; safe to
-    share between threads.
+    """The connections and their transactions; safe to share between threads.
 
-    The connection is opened with ``check_same_thread=False`` and every use of it goes
-    through one lock. A connection sees its own uncommitted writes, so without the lock a
-    reader thread could see half of another thread's transaction, or run its statement
-    inside it. Other processes are kept apart by SQLite's own locking.
+    SQLite: one connection, opened with ``check_same_thread=False``, and every use of it goes
+    through one lock. A connection sees its own uncommitted writes, so without the lock a reader
+    thread could see half of another thread's transaction, or run its statement inside it. Other
+    processes are kept apart by SQLite's own locking.
+
+    Postgres: a pool of up to ``PG_POOL_SIZE`` connections, one per thread at a time, so the
+    server's request threads read in parallel (each statement is a round trip, not a function
+    call). Writers still run one at a time, on the write lock of ``engines``. A thread that already
+    holds a connection (a read inside a write) gets the same one back.
     """
 
     def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
@@ -50,14 +55,23 @@ class StoreBase:
         self.where = self._engine.where  # where the store is, fit to print (no password)
         self._clock = clock
         self._lock = threading.RLock()
+        self._local = threading.local()
+        self._pooled = isinstance(self._engine, PostgresEngine)
+        self._idle: list[Any] = []
+        self._made = 0
+        self._free = threading.Condition()
+        self._closed = False
         try:
             self._conn = self._engine.connect()
         except self._engine.errors as e:
             raise StoreError(f"cannot open state database {self.where}: {e}") from e
+        if self._pooled:
+            self._idle.append(self._conn)
+            self._made = 1
         try:
             self._open()
         except BaseException:
-            self._conn.close()
+            self.close()
             raise
 
     @property
@@ -68,9 +82,10 @@ class StoreBase:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def _open(self) -> None:
-        if isinstance(self._engine, PostgresEngine):
+        if self._pooled:
             try:
-                version = self._schema_version()
+                with self._read() as c:
+                    version = self._schema_version(c)
                 self._refuse_newer(version)
             except self._engine.errors as e:
                 raise StoreError(f"cannot open state database {self.where}: {e}") from e
@@ -82,7 +97,7 @@ class StoreBase:
             c.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
             # Check the version before anything that could write: switching the journal mode
             # or migrating a file that a newer tunefleet wrote could damage it.
-            version = self._schema_version()
+            version = self._schema_version(c)
             self._refuse_newer(version)
             mode = self._enable_wal()
             if str(mode).lower() != "wal":
@@ -118,10 +133,10 @@ class StoreBase:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
 
-    def _schema_version(self) -> int:
-        if not self._engine.has_table(self._conn, "meta"):
+    def _schema_version(self, c: Any) -> int:
+        if not self._engine.has_table(c, "meta"):
             return 0
-        row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        row = c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         return 0 if row is None else int(row[0])
 
     def _refuse_newer(self, version: int) -> None:
@@ -140,7 +155,7 @@ class StoreBase:
         """
         with self._write() as c:
             c.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            version = self._schema_version()
+            version = self._schema_version(c)
             self._refuse_newer(version)
             for script in MIGRATIONS[version:]:
                 for statement in split_sql(script):
@@ -153,9 +168,18 @@ class StoreBase:
             )
 
     def close(self) -> None:
-        """Close the connection. Safe to call twice."""
-        with self._lock:
-            self._conn.close()
+        """Close the connections (one in use is closed when its user gives it back). Safe to call twice."""
+        if not self._pooled:
+            with self._lock:
+                self._conn.close()
+            return
+        with self._free:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._made -= len(idle)
+            self._free.notify_all()
+        for c in idle:
+            c.close()
 
     def __enter__(self) -> Self:
         return self
@@ -167,9 +191,8 @@ class StoreBase:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
-        with self._lock:
-            c = self._connection()
+        """One write transaction that runs alone: BEGIN ... COMMIT, or ROLLBACK on any exception."""
+        with self._held() as c:
             self._engine.begin(c)
             try:
                 yield c
@@ -183,18 +206,71 @@ class StoreBase:
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            yield self._connection()
+        with self._held() as c:
+            yield c
 
-    def _connection(self) -> sqlite3.Connection:
-        """The connection; on Postgres a new one if the last was lost (a server restart, a
-        network cut): the failed call raised, the next one works again."""
-        if not self._engine.healthy(self._conn):
-            try:
-                self._conn.close()
-            finally:
-                self._conn = self._engine.connect()
-        return self._conn
+    @contextmanager
+    def _held(self) -> Iterator[Any]:
+        """This thread's connection for the block: the one it already holds, SQLite's (under the
+        lock), or one of the Postgres pool."""
+        held = getattr(self._local, "conn", None)
+        if held is not None:
+            yield held
+            return
+        if not self._pooled:
+            with self._lock:
+                self._local.conn = self._conn
+                try:
+                    yield self._conn
+                finally:
+                    self._local.conn = None
+            return
+        c = self._borrow()
+        self._local.conn = c
+        try:
+            yield c
+        finally:
+            self._local.conn = None
+            self._give_back(c)
+
+    def _borrow(self) -> Any:
+        deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+        with self._free:
+            while True:
+                if self._closed:
+                    raise StoreError(f"the store {self.where} is closed")
+                if self._idle:
+                    c = self._idle.pop()
+                    break
+                if self._made < PG_POOL_SIZE:
+                    self._made += 1
+                    c = None
+                    break
+                if not self._free.wait(max(0.0, deadline - time.monotonic())) and time.monotonic() > deadline:
+                    raise StoreError(f"all {PG_POOL_SIZE} connections to {self.where} stayed busy for "
+                                     f"{_BUSY_TIMEOUT_MS // 1000} s")
+        try:
+            if c is not None and self._engine.healthy(c):
+                return c
+            if c is not None:  # lost (a server restart, a network cut): the failed call raised; this one reconnects
+                c.close()
+            return self._engine.connect()
+        except BaseException:
+            with self._free:
+                self._made -= 1
+                self._free.notify()
+            raise
+
+    def _give_back(self, c: Any) -> None:
+        keep = self._engine.healthy(c) and not self._engine.in_transaction(c)
+        with self._free:
+            if keep and not self._closed:
+                self._idle.append(c)
+            else:
+                self._made -= 1
+            self._free.notify()
+        if not keep or self._closed:
+            c.close()
 
     def _now(self) -> float:
         return float(self._clock())
