@@ -31,8 +31,8 @@ from orchestrator.store import (
     UserNotFound,
     UserRow,
 )
-from orchestrator.store.schema import split_sql
 from tests.test_cli import tf
+from tests.test_store import old_schema_db
 
 
 class Clock:
@@ -343,12 +343,7 @@ def test_job_summary_names_the_owner_only_when_there_is_one(store: Store) -> Non
 def test_previous_schema_is_migrated_keeping_jobs_attempts_and_spend(tmp_path: Path) -> None:
     assert SCHEMA_VERSION == len(MIGRATIONS) == 9
     db = tmp_path / "v7.db"
-    conn = sqlite3.connect(db)
-    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-    for script in MIGRATIONS[:7]:
-        for statement in split_sql(script):
-            conn.execute(statement)
-    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '7')")
+    conn = old_schema_db(db, 7)
     conn.execute("INSERT INTO jobs (id, name, state, spec_json, created_at, updated_at, cost_usd)"
                  " VALUES ('jold0001', 'old', 'queued', '{}', 1, 1, 0.5)")
     conn.execute("INSERT INTO attempts (id, job_id, seq, provider, offer_id, state, created_at, end_code)"
@@ -378,12 +373,7 @@ def test_previous_schema_is_migrated_keeping_jobs_attempts_and_spend(tmp_path: P
 
 def test_v8_sweeps_take_the_owner_of_their_trial_jobs(tmp_path: Path) -> None:
     db = tmp_path / "v8.db"
-    conn = sqlite3.connect(db)
-    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-    for script in MIGRATIONS[:8]:
-        for statement in split_sql(script):
-            conn.execute(statement)
-    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '8')")
+    conn = old_schema_db(db, 8)
     conn.execute("INSERT INTO teams (name, created_at) VALUES ('ml', 1)")
     conn.execute("INSERT INTO users (name, team, role, created_at) VALUES ('alice', 'ml', 'member', 1)")
     for sweep, owner in (("sown0001", "alice"), ("snone001", None)):

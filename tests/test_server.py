@@ -228,11 +228,15 @@ def test_logs_stream_as_server_sent_events(world):
     assert text.startswith("event: end\n") and json.loads(text.split("data: ")[1])["state"] == "queued"
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(payload=st.recursive(
+# Any JSON value, nested a little: what a fuzzed request body is made of.
+JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
-    max_leaves=12))
+    max_leaves=12)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=JSON_VALUES)
 def test_fuzzed_bodies_never_500_and_never_half_queue(world, payload):
     s, t = world["server"], world["tokens"]
     for data in (payload, {"yaml": payload}, {"yaml": json.dumps(payload), "files": {}}):

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from orchestrator.store import Store
 from tests.test_cli import tf
 from tests.test_cli_client import run
-from tests.test_server import DATA, JOB, REPO, Server, body, make_accounts
+from tests.test_server import DATA, JOB, JSON_VALUES, REPO, Server, body, make_accounts
 
 SWEEP = REPO / "examples" / "sweep-tiny.yaml"
 
@@ -240,10 +239,7 @@ def test_server_load_benchmark_smoke():
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(payload=st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
-    max_leaves=12))
+@given(payload=JSON_VALUES)
 def test_fuzzed_sweep_bodies_never_500_and_never_half_queue(fleet, payload):
     """Also with a valid base job and its files: only the sweep text is fuzzed there."""
     s, t, home = fleet["server"], fleet["tokens"], fleet["home"]

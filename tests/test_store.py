@@ -301,17 +301,23 @@ def test_requeueing_a_job_with_a_cancel_pending_cancels_it_in_the_same_transacti
         store.create_attempt(job_id, provider="p", offer_id="o", usd_per_hour=1, start_step=0)
 
 
-def test_v4_queued_jobs_with_a_cancel_pending_are_cancelled_by_the_migration(tmp_path: Path) -> None:
+def old_schema_db(db: Path, version: int) -> sqlite3.Connection:
+    """A SQLite file at schema ``version``, as that tunefleet left it; an open connection to add rows."""
     from orchestrator.store import MIGRATIONS
     from orchestrator.store.schema import split_sql
 
-    db = tmp_path / "v4.db"
     conn = sqlite3.connect(db)
     conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-    for script in MIGRATIONS[:4]:
+    for script in MIGRATIONS[:version]:
         for statement in split_sql(script):
             conn.execute(statement)
-    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '4')")
+    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(version),))
+    return conn
+
+
+def test_v4_queued_jobs_with_a_cancel_pending_are_cancelled_by_the_migration(tmp_path: Path) -> None:
+    db = tmp_path / "v4.db"
+    conn = old_schema_db(db, 4)
     conn.execute("INSERT INTO jobs (id, name, state, spec_json, created_at, updated_at, cancel_requested)"
                  " VALUES ('jstuck00', 'x', 'queued', '{}', 1, 1, 1), ('jfine000', 'y', 'queued', '{}', 1, 1, 0)")
     conn.execute("INSERT INTO attempts (id, job_id, seq, provider, offer_id, state, created_at, end_reason)"

@@ -277,14 +277,7 @@ class AccountsMixin(StoreBase):
     def spend_by(self, owner: str | None = None, team: str | None = None, since: float | None = None) -> float:
         """Sum of the spend ledger: one user's rows with ``owner``, those of a team's users with
         ``team``, from ``since`` on (e.g. ``orchestrator.budget.month_start(now)``). No filter: all."""
-        where: list[str] = []
-        params: list[Any] = []
-        if owner is not None:
-            where.append("owner = ?")
-            params.append(owner)
-        if team is not None:
-            where.append("owner IN (SELECT name FROM users WHERE team = ?)")
-            params.append(team)
+        where, params = self._owned_by(owner, team)
         if since is not None:
             where.append("ts >= ?")
             params.append(float(since))

@@ -293,6 +293,19 @@ class StoreBase:
         ).fetchone()[0])
 
     @staticmethod
+    def _owned_by(owner: str | None, team: str | None, column: str = "owner") -> tuple[list[str], list[Any]]:
+        """WHERE terms and their parameters for rows owned by ``owner`` and/or by a member of ``team``."""
+        where: list[str] = []
+        params: list[Any] = []
+        if owner is not None:
+            where.append(f"{column} = ?")
+            params.append(owner)
+        if team is not None:
+            where.append(f"{column} IN (SELECT name FROM users WHERE team = ?)")
+            params.append(team)
+        return where, params
+
+    @staticmethod
     def _free_id(c: sqlite3.Connection, table: str, make: Callable[[], str], what: str) -> str:
         """A fresh random id (``make()``) not yet in ``table`` (inside the caller's transaction)."""
         for _ in range(MAX_ID_TRIES):

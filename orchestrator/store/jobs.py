@@ -146,12 +146,9 @@ class JobsMixin(StoreBase):
                 return []
             where.append(f"state IN ({', '.join('?' * len(wanted))})")
             params.extend(wanted)
-        if owner is not None:
-            where.append("owner = ?")
-            params.append(owner)
-        if team is not None:
-            where.append("owner IN (SELECT name FROM users WHERE team = ?)")
-            params.append(team)
+        more, more_params = self._owned_by(owner, team)
+        where += more
+        params += more_params
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, rowid DESC"

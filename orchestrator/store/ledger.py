@@ -253,13 +253,7 @@ class LedgerMixin(AttemptsMixin):
         ``owner``'s, or only those owned by a member of ``team``, when given."""
         sql = ("SELECT s.id, s.name, s.state, s.budget_usd, s.owner, s.created_at,"
                " (SELECT COALESCE(SUM(j.cost_usd), 0) FROM jobs j WHERE j.sweep_id = s.id) FROM sweeps s")
-        where, params = [], []
-        if owner is not None:
-            where.append("s.owner = ?")
-            params.append(owner)
-        if team is not None:
-            where.append("s.owner IN (SELECT name FROM users WHERE team = ?)")
-            params.append(team)
+        where, params = self._owned_by(owner, team, "s.owner")
         if where:
             sql += " WHERE " + " AND ".join(where)
         with self._read() as c:
