@@ -2,80 +2,96 @@
 
 Loss curves per trial (every sweep) and per job (training loss, and eval loss where the job held
 data out), each recent job's final eval loss and perplexity, spend over time against the budgets,
-and how busy the team's own machines were. Inline SVG, no JavaScript and no third-party assets:
-the file can be mailed or attached to a ticket and opens anywhere.
+and how busy the team's own machines were. The charts are uPlot, drawn by the dashboard's
+``static/charts.js`` from a JSON spec per chart; both scripts and uPlot's CSS are inlined, so the
+file still needs no network: it can be mailed or attached to a ticket and opens anywhere. Without
+JavaScript each chart is a small table of its series' latest values.
 """
 
 from __future__ import annotations
 
 import html
+import json
+import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from infra.storage import StorageError, open_store
 from orchestrator.budget import month_start
 from orchestrator.queue import job_summary, with_eval
 
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-           "#bcbd22", "#17becf"]
-W, H, PAD = 640, 300, 48
+# the dashboard's static folder (package data): a path, not an import of orchestrator.web and what it imports
+STATIC = Path(__file__).resolve().parent / "web" / "static"
+X_KINDS, Y_KINDS = ("time", "step", "hours"), ("usd", "loss", "count")
 
 
-def _scale(lo: float, hi: float, a: float, b: float):
-    span = (hi - lo) or 1.0
-    return lambda v: a + (v - lo) / span * (b - a)
-
-
-def line_chart(title: str, series: list[tuple[str, list[tuple[float, float]]]], *, xlabel: str, ylabel: str,
-               hlines: list[tuple[str, float]] = (), step: bool = False, markers: bool = True,
-               dashed: frozenset[str] = frozenset()) -> str:
-    """An SVG line chart; ``step`` draws a staircase (cumulative spend); series whose label is in
-    ``dashed`` are drawn dashed (eval loss beside training loss)."""
-    points = [p for _, pts in series for p in pts]
-    if not points:
-        return f"<h3>{html.escape(title)}</h3><p class=empty>no data yet</p>"
-    xs = [p[0] for p in points]
-    ys = [p[1] for p in points] + [y for _, y in hlines]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys + [0.0]) if step else min(ys), max(ys)
-    if y1 == y0:
-        y1 = y0 + 1.0
-    sx, sy = _scale(x0, x1, PAD, W - 12), _scale(y0, y1, H - PAD, 16)
-    out = [f'<h3>{html.escape(title)}</h3><svg viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img">',
-           f'<rect x="{PAD}" y="16" width="{W - PAD - 12}" height="{H - PAD - 16}" fill="#fafafa" stroke="#ccc"/>']
-    for i in range(5):
-        yv = y0 + (y1 - y0) * i / 4
-        out.append(f'<text x="{PAD - 4}" y="{sy(yv) + 4:.1f}" font-size="10" text-anchor="end">{yv:.3g}</text>')
-        xv = x0 + (x1 - x0) * i / 4
-        out.append(f'<text x="{sx(xv):.1f}" y="{H - PAD + 14}" font-size="10" text-anchor="middle">{xv:.3g}</text>')
-    out.append(f'<text x="{(W + PAD) / 2}" y="{H - 8}" font-size="11" text-anchor="middle">{html.escape(xlabel)}</text>')
-    out.append(f'<text x="12" y="{H / 2}" font-size="11" transform="rotate(-90 12 {H / 2})" '
-               f'text-anchor="middle">{html.escape(ylabel)}</text>')
-    for label, y in hlines:
-        out.append(f'<line x1="{PAD}" x2="{W - 12}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#d62728" '
-                   f'stroke-dasharray="5,4"/><text x="{W - 14}" y="{sy(y) - 4:.1f}" font-size="10" '
-                   f'text-anchor="end" fill="#d62728">{html.escape(label)}</text>')
-    legend = []
-    for i, (label, pts) in enumerate(series):
-        color = PALETTE[i % len(PALETTE)]
-        pts = sorted(pts, key=lambda p: p[0])  # stable: keeps the order of points at the same x
+def chart_spec(title: str, series: list[tuple[str, list[tuple[float, float]]]], *, x: str, y: str,
+               ylabel: str = "", hlines: list[tuple[str, float]] = (), step: bool = False,
+               dashed: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The JSON spec ``static/charts.js`` draws (its header documents the format). ``x``/``y``: the
+    axes' kinds (``time`` is unix seconds); ``step`` draws every series as a staircase (cumulative
+    spend); series whose label is in ``dashed`` are dashed (eval loss beside training loss);
+    ``hlines``: labelled reference lines (budgets)."""
+    if x not in X_KINDS or y not in Y_KINDS:
+        raise ValueError(f"chart axes: x is one of {X_KINDS}, y one of {Y_KINDS}; not {x!r}, {y!r}")
+    out = []
+    for label, pts in series:
+        points = [[float(a), float(b)] for a, b in sorted(pts, key=lambda p: p[0])]  # stable at equal x
+        item: dict[str, Any] = {"label": label, "points": points}
+        if label in dashed:
+            item["dashed"] = True
         if step:
-            path, prev = [], None
-            for x, y in pts:
-                if prev is not None:
-                    path.append((x, prev))
-                path.append((x, y))
-                prev = y
-            pts = path
-        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-        dash = ' stroke-dasharray="6,3"' if label in dashed else ""
-        out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.6"{dash} points="{coords}"/>')
-        if markers and not step and len(pts) <= 60:  # few points (eval losses): mark them, a lone one included
-            out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"/>' for x, y in pts]
-        legend.append(f'<span style="color:{color}">&#9632;</span> {html.escape(label)}')
-    out.append("</svg>")
-    out.append(f'<div class=legend>{" &nbsp; ".join(legend)}</div>')
-    return "".join(out)
+            item["step"] = True
+        out.append(item)
+    return {"title": title, "x": {"kind": x}, "y": {"kind": y, "label": ylabel}, "series": out,
+            "hlines": [{"label": label, "y": float(v)} for label, v in hlines]}
+
+
+def chart(title: str, series: list[tuple[str, list[tuple[float, float]]]], **kw: Any) -> str:
+    """A chart's HTML: its heading, then a ``div.tf-chart`` holding the spec (``chart_spec``'s
+    arguments) for charts.js, and for a reader without JavaScript a small table of each series'
+    latest value. The heading is the page's, so the spec drawn carries no title."""
+    spec = chart_spec(title, series, **kw)
+    head = f"<h3>{html.escape(title)}</h3>"
+    if not any(s["points"] for s in spec["series"]):
+        return head + "<p class=empty>no data yet</p>"
+    spec["title"] = ""
+    attr = html.escape(json.dumps(spec, separators=(",", ":"), allow_nan=False), quote=True)
+    xk, yk = spec["x"]["kind"], spec["y"]["kind"]
+    rows = [f"<tr><td>{html.escape(s['label'])}</td><td>{len(s['points'])}</td>"
+            f"<td>{_fmt_x(xk, s['points'][-1][0])}</td><td>{_fmt_y(yk, s['points'][-1][1])}</td></tr>"
+            for s in spec["series"] if s["points"]]
+    rows += [f"<tr><td>{html.escape(h['label'])}</td><td></td><td></td><td>{_fmt_y(yk, h['y'])}</td></tr>"
+             for h in spec["hlines"]]
+    return (head + f"<div class=tf-chart data-spec=\"{attr}\"></div><noscript><table class=tf-data>"
+            "<tr><th>series</th><th>points</th><th>latest at</th><th>value</th></tr>" + "".join(rows)
+            + "</table></noscript>")
+
+
+def _fmt_x(kind: str, v: float) -> str:
+    if kind == "time":
+        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(v))
+    return f"{v:g} h" if kind == "hours" else f"{v:.0f}"
+
+
+def _fmt_y(kind: str, v: float) -> str:
+    if kind == "usd":  # as charts.js: cents from $1 up, two significant digits below
+        a = abs(v)
+        decimals = 2 if a >= 1 or a == 0 else min(10, max(2, 1 - math.floor(math.log10(a))))
+        return ("-" if v < 0 else "") + f"${a:,.{decimals}f}"
+    return f"{v:.3g}" if kind == "loss" else f"{v:g}"
+
+
+def _inline_assets() -> str:
+    """uPlot's CSS and script and charts.js, inlined: the report stays one file that draws offline."""
+    def read(name: str) -> str:
+        return (STATIC / name).read_text(encoding="utf-8")
+
+    css = read("vendor/uPlot.min.css").replace("</style", "<\\/style")
+    scripts = [read(n).replace("</script", "<\\/script") for n in ("vendor/uPlot.iife.min.js", "charts.js")]
+    return f"<style>{css}</style>" + "".join(f"<script>{js}</script>" for js in scripts)
 
 
 def _final_meta(job) -> dict[str, Any]:
@@ -102,8 +118,8 @@ def build_report(store, config, now: float | None = None,
             meta = _final_meta(store.get_job(t["job_id"]))
             by_trial.setdefault(t["trial"], []).extend((float(s), float(v)) for s, v in meta.get("eval_history", []))
         series = [(f"trial {k} {_params(store, sweep_id, k)}", pts) for k, pts in sorted(by_trial.items())]
-        sections.append(line_chart(f"Sweep {sweep['name']} ({sweep_id}): eval loss per trial", series,
-                                   xlabel="step", ylabel="eval loss"))
+        sections.append(chart(f"Sweep {sweep['name']} ({sweep_id}): eval loss per trial", series,
+                              x="step", y="loss", ylabel="eval loss"))
     jobs = [j for j in store.list_jobs(limit=200) if not j.sweep_id and seen(j.owner)][:10]
     series, evals = [], set()
     for job in jobs:
@@ -113,23 +129,26 @@ def build_report(store, config, now: float | None = None,
         if meta.get("eval_history"):
             evals.add(f"{job.id} {job.name} eval")
             series.append((f"{job.id} {job.name} eval", [(float(s), float(v)) for s, v in meta["eval_history"]]))
-    sections.append(line_chart("Loss per job (latest 10; eval loss dashed)", series, xlabel="step", ylabel="loss",
-                               dashed=frozenset(evals)))
+    sections.append(chart("Loss per job (latest 10; eval loss dashed)", series, x="step", y="loss", ylabel="loss",
+                          dashed=frozenset(evals)))
     sections.append(_jobs_table(store, jobs))
-    # 2. spend over time against the budgets
+    # 2. spend over time (clock times) against the budgets: the running total after each spend
+    # row, held until now
     rows = [r for r in store.spend_rows() if seen(r.get("owner"))]
     total, pts = 0.0, []
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["ts"]):
         total += r["usd"]
-        pts.append(((r["ts"] - now) / 3600.0, total))
+        pts.append((r["ts"], round(total, 9)))
+    if pts and pts[-1][0] < now:
+        pts.append((now, pts[-1][1]))
     hlines = []
     if config.budget_monthly_usd is not None:
         hlines.append(("monthly budget", config.budget_monthly_usd))
     for sweep_id in sweep_ids:
         sweep = store.get_sweep(sweep_id)
         hlines.append((f"sweep {sweep['name']} budget", sweep["budget_usd"]))
-    sections.append(line_chart("Cumulative spend", [("recorded spend", pts)], xlabel="hours ago (0 = now)",
-                               ylabel="USD", hlines=hlines, step=True))
+    sections.append(chart("Cumulative spend", [("recorded spend", pts)], x="time", y="usd", ylabel="USD",
+                          hlines=hlines, step=True))
     # 3. the team's own machines: attempts running at once on the local provider
     events = []
     for job in store.list_jobs(limit=2000):
@@ -138,13 +157,15 @@ def build_report(store, config, now: float | None = None,
         for a in store.attempts_for(job.id):
             if a.provider == "local" and a.started_at:
                 events += [(a.started_at, 1), (a.ended_at or now, -1)]
-    busy, curve = 0, []
+    busy, at = 0, {}  # clock time -> attempts running once that instant's starts and ends are counted
     for ts, delta in sorted(events):
-        curve.append(((ts - now) / 3600.0, busy))
         busy += delta
-        curve.append(((ts - now) / 3600.0, busy))
-    sections.append(line_chart("Local capacity in use (attempts running at once)", [("local attempts", curve)],
-                               xlabel="hours ago (0 = now)", ylabel="attempts", markers=False))
+        at[ts] = busy
+    curve = sorted(at.items())
+    if curve and curve[-1][0] < now:
+        curve.append((now, curve[-1][1]))
+    sections.append(chart("Local capacity in use (attempts running at once)", [("local attempts", curve)],
+                          x="time", y="count", ylabel="attempts", step=True))
     if sees is None:
         month, n_jobs = store.spend_since(month_start(now)), sum(store.count_jobs_by_state().values())
     else:
@@ -154,12 +175,14 @@ def build_report(store, config, now: float | None = None,
             f"Jobs: {n_jobs}; spend this month ${month:.2f}"
             + (f" of ${config.budget_monthly_usd:.2f}" if config.budget_monthly_usd is not None else "") + ".</p>")
     return (
-        "<!doctype html><html><head><meta charset=utf-8><title>tunefleet report</title><style>"
-        "body{font-family:system-ui,sans-serif;max-width:720px;margin:2em auto;color:#222}"
-        "h3{margin-top:2em}.legend{font-size:12px;margin:4px 0 0 48px}.empty{color:#888}"
+        "<!doctype html><html><head><meta charset=utf-8>"
+        "<meta name=viewport content='width=device-width, initial-scale=1'><title>tunefleet report</title><style>"
+        "body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 12px;color:#222}"
+        "h3{margin-top:2em}.empty{color:#888}.tf-chart{width:100%;min-height:200px}"
         "table{border-collapse:collapse;font-size:13px}td,th{padding:2px 10px;text-align:left}"
         "td:nth-child(n+4){text-align:right}"
-        "</style></head><body><h1>tunefleet report</h1>" + head + "".join(sections) + "</body></html>"
+        "</style>" + _inline_assets() + "</head><body><h1>tunefleet report</h1>" + head + "".join(sections)
+        + "</body></html>"
     )
 
 
