@@ -9,8 +9,10 @@
  *
  * tfCharts.drawAll(root?) draws every not-yet-drawn div.tf-chart[data-spec] under root (default:
  * document); it runs once by itself when the document is ready. Call it again after inserting
- * HTML (e.g. from htmx's htmx.onLoad). tfCharts.draw(el, spec) draws one spec into el, replacing
- * the chart already there, and returns the uPlot instance (null when there is nothing to draw).
+ * HTML (e.g. on htmx:afterSwap): it also destroys the charts whose elements left the page (uPlot
+ * listens on window, so a swapped-out chart would otherwise live on). tfCharts.draw(el, spec)
+ * draws one spec into el, replacing the chart already there, and returns the uPlot instance (null
+ * when there is nothing to draw); tfCharts.destroy(el) removes one.
  *
  * The spec:
  *   title     optional; drawn above the plot (leave it out when the page has its own heading)
@@ -300,13 +302,21 @@
 
   // ------------------------------------------------------------------ drawing
 
-  function draw(el, spec) {
+  var live = [];  // the elements holding a chart, to destroy the ones that left the page
+
+  function destroy(el) {
     var old = el._tfChart;
     if (old) {
       if (old.observer) old.observer.disconnect();
       if (old.plot) old.plot.destroy();
       el._tfChart = null;
     }
+    var i = live.indexOf(el);
+    if (i >= 0) live.splice(i, 1);
+  }
+
+  function draw(el, spec) {
+    destroy(el);
     el.dataset.tfDrawn = "1";
     var data = align(spec.series, spec.hlines);
     if (!data[0].length) {
@@ -335,10 +345,12 @@
       state.observer.observe(el);
     }
     el._tfChart = state;
+    live.push(el);
     return plot;
   }
 
   function drawAll(scope) {
+    live.filter(function (el) { return !el.isConnected; }).forEach(destroy);
     var nodes = (scope || root.document).querySelectorAll("div.tf-chart[data-spec]");
     Array.prototype.forEach.call(nodes, function (el) {
       if (el.dataset.tfDrawn) return;
@@ -352,7 +364,7 @@
   }
 
   var tfCharts = {
-    draw: draw, drawAll: drawAll, align: align,
+    draw: draw, drawAll: drawAll, destroy: destroy, align: align,
     fmt: {usd: usd, usdTicks: usdTicks, loss: loss, lossTicks: lossTicks, count: count, duration: duration,
           time: time, timeTicks: timeTicks, decimalsOf: decimalsOf},
   };
