@@ -219,7 +219,8 @@ class PlacingMixin:
         offer = placement.offer
         record = {"offer": offer.to_dict(), "why": placement.reason, "est_usd": placement.est_usd,
                   "est_hours": placement.est_hours, "risk": placement.risk, "interval_h": placement.interval_h,
-                  "viable_offers": sum(p.viable for p in d.placements), "decision": str(d.code)}
+                  "viable_offers": sum(p.viable for p in d.placements), "decision": str(d.code),
+                  "rented_alt": _rented_alternative(d.placements, offer)}
         try:
             att = self.store.create_attempt(job.id, provider=offer.provider, offer_id=offer.offer_id,
                                             usd_per_hour=offer.usd_per_hour, start_step=start_step, data=record)
@@ -259,3 +260,16 @@ def _with_interval(spec: dict[str, Any], interval_h: float | None) -> dict[str, 
     mine = ckpt.get("interval_s")
     ckpt["interval_s"] = round(min(interval_h * 3600.0, mine or float("inf"), MAX_CHECKPOINT_INTERVAL_S), 1)
     return {**spec, "checkpoint": ckpt}
+
+
+def _rented_alternative(placements, chosen) -> dict | None:
+    """On owned capacity: the cheapest viable rented offer it was chosen over (by the expected cost
+    of the whole job), so the dashboard can say what owning saved. None elsewhere, or with none."""
+    if chosen.provider != "local":
+        return None
+    rented = [p for p in placements if p.viable and p.offer.provider != "local" and p.est_usd is not None]
+    if not rented:
+        return None
+    alt = min(rented, key=lambda p: p.est_usd)
+    return {"provider": alt.offer.provider, "offer_id": alt.offer.offer_id, "gpu": alt.offer.gpu,
+            "usd_per_hour": alt.offer.usd_per_hour, "est_usd": alt.est_usd}

@@ -79,7 +79,8 @@ class WatchMixin:
                 self.store.update_progress(
                     job.id, step=int(doc.get("step") or 0), total_steps=doc.get("total_steps"),
                     loss=doc.get("loss"), checkpoint_step=doc.get("checkpoint_step"),
-                    checkpoint_uri=doc.get("checkpoint_uri"),
+                    checkpoint_uri=doc.get("checkpoint_uri"), attempt_id=att.id,
+                    eval_loss=doc.get("eval_loss") if isinstance(doc.get("eval_loss"), (int, float)) else None,
                 )
         elif done and err is not None and not isinstance(err, (StorageError, CallTimeout, OSError)):
             self.log.warning("progress read failed", job_id=job.id, error=str(err))

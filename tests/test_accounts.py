@@ -341,7 +341,7 @@ def test_job_summary_names_the_owner_only_when_there_is_one(store: Store) -> Non
 
 
 def test_previous_schema_is_migrated_keeping_jobs_attempts_and_spend(tmp_path: Path) -> None:
-    assert SCHEMA_VERSION == len(MIGRATIONS) == 9
+    assert SCHEMA_VERSION == len(MIGRATIONS) == 10
     db = tmp_path / "v7.db"
     conn = old_schema_db(db, 7)
     conn.execute("INSERT INTO jobs (id, name, state, spec_json, created_at, updated_at, cost_usd)"
@@ -486,3 +486,41 @@ def test_admin_cli_end_to_end(tmp_path: Path) -> None:
     assert "ml" in tf(home, "admin", "team", "list", check=True).stdout
     help_text = tf(home, "admin", "--help", check=True).stdout
     assert all(word in help_text for word in ("team", "user", "token"))
+
+
+# --------------------------------------------------------------------------------------------
+# browser sessions (the dashboard)
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_session_opens_only_with_a_live_token_and_dies_with_it(store: Store, clock: Clock) -> None:
+    team_and_user(store)
+    row, token = store.create_token("alice", expires_at=clock.now + 3600)
+    assert store.open_session("tf_garbage") is None and store.open_session(None) is None
+    cookie, csrf, user = store.open_session(token)
+    assert user.name == "alice" and len(csrf) >= 24 and cookie != token
+    assert store.session_user(cookie) == (user, csrf)
+    assert store.session_user(cookie[:-1] + ("A" if cookie[-1] != "A" else "B")) is None
+    # only the cookie's hash is stored
+    with store._read() as c:
+        stored = json.dumps([list(r) for r in c.execute("SELECT * FROM sessions").fetchall()])
+    assert cookie not in stored and hashlib.sha256(cookie.encode()).hexdigest() in stored
+    # it lives no longer than its token, and ends at once when the token is revoked or logged out
+    clock.now += 3601
+    assert store.session_user(cookie) is None
+    clock.now -= 3601
+    other, _, _ = store.open_session(token)
+    store.revoke_token(row.id)
+    assert store.session_user(other) is None and store.open_session(token) is None
+    _, fresh = store.create_token("alice")
+    cookie2, _, _ = store.open_session(fresh)
+    store.end_session(cookie2)
+    assert store.session_user(cookie2) is None
+    store.end_session("never-was-a-session-cookie")  # nothing happens
+
+
+def test_a_disabled_users_sessions_stop(store: Store) -> None:
+    team_and_user(store)
+    cookie, _, _ = store.open_session(store.create_token("alice")[1])
+    store.disable_user("alice")
+    assert store.session_user(cookie) is None

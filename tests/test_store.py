@@ -1020,3 +1020,21 @@ def test_postgres_pool_serves_many_threads_with_at_most_its_size(postgres: Any) 
         assert errors == []
         assert len(s.events(jobs[1])) == 1 + 20 * 3 * PG_POOL_SIZE  # every write landed, once
     assert 1 <= peak[0] <= PG_POOL_SIZE
+
+
+def test_progress_with_an_attempt_draws_a_thinned_loss_curve(store: Store, clock: FakeClock) -> None:
+    job_id, att = running_job(store)
+    for step in range(0, 2001):
+        clock.tick(0.1)
+        store.update_progress(job_id, step=step, total_steps=2000, loss=5.0 - step / 1000, attempt_id=att,
+                              eval_loss=2.0 if step >= 1000 else None)
+    curve = store.metrics(job_id)
+    steps = [p["step"] for p in curve]
+    assert steps == sorted(steps) and steps[0] == 0 and 390 <= len(curve) <= 410  # a 400th of the run apart
+    assert {p["attempt_id"] for p in curve} == {att}
+    assert [p["step"] for p in curve if p["eval_loss"] is not None][0] == 1000  # a new eval loss is kept at once
+    assert curve[-1]["loss"] == pytest.approx(5.0 - curve[-1]["step"] / 1000)
+    # without an attempt (a plain progress update) nothing is drawn
+    other = store.submit({}, name="x")
+    store.update_progress(other, step=3, total_steps=10, loss=1.0)
+    assert store.metrics(other) == []

@@ -23,7 +23,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 
 from infra.config import Config
 from orchestrator.api.auth import Access, RateLimiter
@@ -120,6 +120,7 @@ def create_app(config: Config, store, *, max_body_bytes: int = MAX_BODY_BYTES, r
     app.include_router(jobs.router, prefix=API_PREFIX)
     app.include_router(fleet.router, prefix=API_PREFIX)
     app.include_router(artifacts.router, prefix=API_PREFIX)
+    _add_dashboard(app)
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
@@ -160,6 +161,36 @@ def create_app(config: Config, store, *, max_body_bytes: int = MAX_BODY_BYTES, r
 
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     return app
+
+
+def _add_dashboard(app: FastAPI) -> None:
+    """The web dashboard (``orchestrator.web``) at ``/``: its pages, its static files, and for page
+    requests a login redirect or an HTML error page instead of the API's JSON."""
+    from fastapi.staticfiles import StaticFiles
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from orchestrator.web import pages
+    from orchestrator.web.session import LoginRequired, login_url
+
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=pages.HERE / "static"), name="static")
+
+    @app.exception_handler(LoginRequired)
+    async def to_login(request: Request, exc: LoginRequired):
+        if request.headers.get("hx-request"):  # a poll from a page whose session ended: reload into the login
+            return PlainTextResponse("", status_code=401, headers={"HX-Redirect": login_url(exc.next_url)})
+        return RedirectResponse(login_url(exc.next_url), status_code=303)
+
+    from fastapi.exception_handlers import http_exception_handler
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        path = request.url.path
+        if path.startswith(API_PREFIX) or path in ("/healthz", "/metrics", "/openapi.json") \
+                or "text/html" not in request.headers.get("accept", ""):
+            return await http_exception_handler(request, exc)
+        return pages.render(request, "error.html", status=exc.status_code, code=exc.status_code,
+                            message=str(exc.detail))
 
 
 def _field_error(e: dict[str, Any]) -> dict[str, Any]:

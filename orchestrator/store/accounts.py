@@ -50,6 +50,7 @@ TOKEN_PREFIX = "tf_"
 PREFIX_CHARS = 10  # shown in listings: "tf_" and 7 characters of the secret (42 of its 256 bits)
 MAX_NOTE_CHARS = 200
 LAST_USED_EVERY_S = 60.0  # last_used_at is written at most this often per token
+SESSION_TTL_S = 12 * 3600.0  # a dashboard login lasts a working day (and never past its token)
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # What authenticate accepts before hashing anything: ours are "tf_" + 43 characters.
 _TOKEN_RE = re.compile(r"tf_[A-Za-z0-9_-]{20,128}")
@@ -249,6 +250,56 @@ class AccountsMixin(StoreBase):
         if r["expires_at"] is not None and r["expires_at"] <= now:
             return None
         return r["id"], r["last_used_at"], user_row(r)
+
+    # -- browser sessions (the dashboard) ------------------------------------------------------
+
+    def open_session(self, plaintext: Any, *, ttl_s: float = SESSION_TTL_S) -> tuple[str, str, UserRow] | None:
+        """A browser session opened with a live API token: (the cookie's value, the session's CSRF
+        token, the user); None for anything but a live token. Only the cookie's sha256 is kept, and
+        the session ends when its token is revoked or expires, whichever comes first."""
+        if not isinstance(plaintext, str) or len(plaintext) > _MAX_TOKEN_CHARS \
+                or not _TOKEN_RE.fullmatch(plaintext):
+            return None
+        now = self._now()
+        cookie, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
+        with self._write() as c:
+            found = self._live_token(c, token_hash(plaintext), now)
+            if found is None:
+                return None
+            token_id, _, user = found
+            expires = now + float(ttl_s)
+            token_expires = c.execute("SELECT expires_at FROM tokens WHERE id = ?", (token_id,)).fetchone()[0]
+            if token_expires is not None:
+                expires = min(expires, float(token_expires))
+            c.execute("INSERT INTO sessions (hash, token_id, csrf, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+                      (token_hash(cookie), token_id, csrf, now, expires))
+            c.execute("UPDATE tokens SET last_used_at = ? WHERE id = ?", (now, token_id))
+        return cookie, csrf, user
+
+    def session_user(self, cookie: Any) -> tuple[UserRow, str] | None:
+        """The enabled user of a live session and its CSRF token; None for anything else (an ended
+        or expired session, a revoked or expired token, a disabled user, garbage)."""
+        if not isinstance(cookie, str) or not 16 <= len(cookie) <= 128:
+            return None
+        now = self._now()
+        with self._read() as c:
+            r = c.execute(
+                "SELECT s.csrf, s.hash, u.* FROM sessions s JOIN tokens t ON t.id = s.token_id"
+                " JOIN users u ON u.name = t.user_name"
+                " WHERE s.hash = ? AND s.ended_at IS NULL AND s.expires_at > ? AND t.revoked_at IS NULL"
+                " AND (t.expires_at IS NULL OR t.expires_at > ?) AND u.disabled_at IS NULL",
+                (token_hash(cookie), now, now),
+            ).fetchone()
+        if r is None or not hmac.compare_digest(r["hash"], token_hash(cookie)):
+            return None
+        return user_row(r), r["csrf"]
+
+    def end_session(self, cookie: Any) -> None:
+        """Log a browser session out (nothing happens for an unknown one)."""
+        if isinstance(cookie, str):
+            with self._write() as c:
+                c.execute("UPDATE sessions SET ended_at = ? WHERE hash = ? AND ended_at IS NULL",
+                          (self._now(), token_hash(cookie)))
 
     def revoke_token(self, token_id: str) -> TokenRow:
         """Revoke a token: it stops authenticating at once. Idempotent (the first revoke's time is

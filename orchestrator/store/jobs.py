@@ -245,12 +245,18 @@ class JobsMixin(StoreBase):
         loss: float | None,
         checkpoint_step: int | None = None,
         checkpoint_uri: str | None = None,
+        attempt_id: str | None = None,
+        eval_loss: float | None = None,
     ) -> None:
         """Record training progress. No event: the daemon calls this every tick.
 
         step, total_steps and loss are stored as given, even if step goes down (a resumed
         attempt may briefly report a step below the last one). The checkpoint columns change
         only when a value is passed: None means "no new checkpoint", not "forget it".
+
+        With ``attempt_id``, the point also joins the job's loss curve (``metrics``): when the step
+        moved on by at least a 400th of the run since the attempt's last point, or a new eval loss
+        came, so an attempt keeps a few hundred points however long it trains.
         """
         now = self._now()
         sets = ["step = ?", "total_steps = ?", "loss = ?", "updated_at = ?"]
@@ -265,6 +271,22 @@ class JobsMixin(StoreBase):
             cur = c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*params, job_id))
             if cur.rowcount == 0:
                 raise JobNotFound(f"no job {job_id!r}")
+            if attempt_id is not None and (loss is not None or eval_loss is not None):
+                last = c.execute("SELECT step, eval_loss FROM metrics WHERE job_id = ? AND attempt_id = ?"
+                                 " ORDER BY id DESC LIMIT 1", (job_id, attempt_id)).fetchone()
+                stride = max(1, int(total_steps or 0) // 400)
+                new_eval = eval_loss is not None and (last is None or last[1] != eval_loss)
+                if last is None or new_eval or int(step) >= last[0] + stride:
+                    c.execute("INSERT INTO metrics (job_id, attempt_id, ts, step, loss, eval_loss)"
+                              " VALUES (?, ?, ?, ?, ?, ?)", (job_id, attempt_id, now, int(step), loss, eval_loss))
+
+    def metrics(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's loss curve as the daemon recorded it, oldest first: {attempt_id, ts, step, loss,
+        eval_loss}; across attempts, so a resumed job's curve shows where each attempt began."""
+        with self._read() as c:
+            rows = c.execute("SELECT attempt_id, ts, step, loss, eval_loss FROM metrics WHERE job_id = ?"
+                             " ORDER BY id", (job_id,)).fetchall()
+        return [{"attempt_id": r[0], "ts": r[1], "step": r[2], "loss": r[3], "eval_loss": r[4]} for r in rows]
 
     def request_cancel(self, job_id: str) -> JobRow:
         """Cancel a job.

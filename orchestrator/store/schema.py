@@ -264,10 +264,34 @@ MIGRATIONS: list[str] = [
                                WHERE t.sweep_id = sweeps.id);
     CREATE INDEX sweeps_owner ON sweeps (owner, created_at);
     """,
+    # v10: the dashboard. Browser sessions opened with an API token (stored by sha256 of the
+    # cookie; a session lives no longer than its token); the loss curve of each job as the daemon
+    # read it from its payloads' progress (a few hundred points an attempt at most).
+    """
+    CREATE TABLE sessions (
+        hash        TEXT PRIMARY KEY,
+        token_id    TEXT NOT NULL REFERENCES tokens (id),
+        csrf        TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        expires_at  REAL NOT NULL,
+        ended_at    REAL NULL
+    );
+    CREATE INDEX sessions_token ON sessions (token_id);
+    CREATE TABLE metrics (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id     TEXT NOT NULL,
+        attempt_id TEXT NULL,
+        ts         REAL NOT NULL,
+        step       INTEGER NOT NULL,
+        loss       REAL NULL,
+        eval_loss  REAL NULL
+    );
+    CREATE INDEX metrics_job ON metrics (job_id, id);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
-assert SCHEMA_VERSION == 9
+assert SCHEMA_VERSION == 10
 
 
 def split_sql(script: str) -> Iterator[str]:
