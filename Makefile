@@ -9,7 +9,7 @@ STAMP := $(VENV)/.tunefleet-installed
 export HF_HUB_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo dashboard test test-fast clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: setup
 # Two workers, each test file on one of them (module fixtures start their servers once): about
 # 11 min instead of 18 on 2 cores. TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
+
+# The dashboard on the demo's state (or TUNEFLEET_HOME's): prints a login token, serves on :8477.
+dashboard: setup
+	TUNEFLEET_HOME=$${TUNEFLEET_HOME:-$(CURDIR)/.tunefleet} $(VENV)/bin/tunefleet dashboard
 
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile

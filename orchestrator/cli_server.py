@@ -1,4 +1,5 @@
-"""``tunefleet server``: the team server (HTTP API on uvicorn) over this machine's store.
+"""``tunefleet server``: the team server (the dashboard and the HTTP API on uvicorn) over this
+machine's store; ``tunefleet dashboard``: the same for one person, with a login made for them.
 
 By default it also runs the daemon beside it, as a child process it starts and stops with itself
 (the daemon is the one loop that places and watches; ``--no-daemon`` when it runs elsewhere against
@@ -34,7 +35,38 @@ def server(
     ssl_certfile: Annotated[Path | None, typer.Option(help="Serve HTTPS with this certificate (PEM).")] = None,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="...and this private key (PEM).")] = None,
 ) -> None:
-    """Serve the API (/api/v1, /openapi.json, /healthz, /metrics) to the team, behind tokens."""
+    """Serve the dashboard (/) and the API (/api/v1, /openapi.json, /healthz, /metrics) to the team, behind tokens."""
+    _serve(host, port, daemon, max_body_mb, rate, burst, ssl_certfile, ssl_keyfile)
+
+
+@app.command()
+def dashboard(
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8477,
+    daemon: Annotated[bool, typer.Option("--daemon/--no-daemon", help="Run the daemon beside the server.")] = True,
+) -> None:
+    """The dashboard on this machine's store, for one person: makes a local admin account if there is
+    none, prints a login token valid for 12 hours, and serves (as `tunefleet server`)."""
+    import time
+
+    config = _config()
+    with _store(config) as store:
+        admins = [u for u in store.list_users() if u.role == "admin" and not u.disabled]
+        if admins:
+            name = admins[0].name
+        else:
+            if "local" not in {t["name"] for t in store.list_teams()}:
+                store.create_team("local")
+            name = "admin" if "admin" not in {u.name for u in store.list_users()} else "local-admin"
+            store.create_user(name, "local", "admin")
+        _, token = store.create_token(name, expires_at=time.time() + 12 * 3600, note="tunefleet dashboard login")
+    err.print(f"open http://{host}:{port}/login and paste this token (user {name}, valid 12 h): ")
+    print(token, flush=True)
+    _serve(host, port, daemon, 64, 20.0, 40, None, None)
+
+
+def _serve(host: str, port: int, daemon: bool, max_body_mb: int, rate: float, burst: int,
+           ssl_certfile: Path | None, ssl_keyfile: Path | None) -> None:
     import uvicorn
 
     from orchestrator.api.app import create_app

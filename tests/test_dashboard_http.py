@@ -7,6 +7,7 @@ One real ``tunefleet server`` on a fresh home; teams ml (alice, carol) and nlp (
 from __future__ import annotations
 
 import re
+import time
 
 import httpx
 import pytest
@@ -156,3 +157,77 @@ def test_logout_ends_the_session(site):
     c, csrf = login(site, "alice")
     assert c.post("/logout", data={"csrf": csrf}).status_code == 303
     assert c.get("/").status_code == 303
+
+
+def test_tunefleet_dashboard_logs_the_one_person_in_on_the_demos_state(tmp_path):
+    """After `make demo` there are jobs and no accounts: `tunefleet dashboard` makes a local admin,
+    prints a login token, and that token's session sees the jobs queued without an account."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from benchmarks.server_load import _free_port
+
+    home = tmp_path / "home"
+    home.mkdir()
+    with Store(home / "state.db") as store:
+        job = store.submit({"base_model": "tunefleet/tiny-llama"}, name="from-the-demo")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "dashboard", "--no-daemon", "--port", str(port)],
+                            env={**os.environ, "TUNEFLEET_HOME": str(home), "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        token = proc.stdout.readline().strip()
+        assert token.startswith("tf_"), proc.stderr.read() if proc.poll() is not None else token
+        c = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Accept": "text/html"}, timeout=30)
+        for _ in range(200):
+            try:
+                if c.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        assert c.post("/login", data={"token": token, "next": "/"}).status_code == 303
+        assert job in c.get("/").text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    with Store(home / "state.db") as store:
+        [admin] = store.list_users()
+        assert admin.role == "admin" and admin.team == "local"
+        assert store.list_tokens()[0].expires_at is not None  # a login for today, not a standing key
+
+
+def test_spend_page_budgets_and_what_owned_gpus_saved(site):
+    home = site["home"]
+    with Store(home / "state.db") as store:
+        store.set_team_budget("ml", 50.0)
+        job = store.submit({}, name="owned", owner="carol")
+        att = store.create_attempt(job, provider="local", offer_id="gpu0", usd_per_hour=0.30, start_step=0,
+                                   data={"rented_alt": {"provider": "vast", "offer_id": "v1", "gpu": "RTX_4090",
+                                                        "usd_per_hour": 0.50, "est_usd": 1.0}})
+        store.transition_attempt(att.id, AttemptState.RUNNING, kind="attempt_running", message="up",
+                                 started_at=1_000_000.0)
+        store.transition_attempt(att.id, AttemptState.SUCCEEDED, kind="attempt_succeeded", message="done",
+                                 ended_at=1_000_000.0 + 2 * 3600, spend_usd=0.60)
+    carol, _ = login(site, "carol")
+    page = carol.get("/spend").text
+    assert "team ml" in page and "$50.00" in page  # her team's budget, with its meter
+    assert "vast RTX_4090 at $0.50/h" in page
+    assert "$1.00" in page and "$0.40" in page  # 2 h of the rented offer, and what owning saved against it
+    bob, _ = login(site, "bob")
+    assert "vast RTX_4090" not in bob.get("/spend").text and "team ml" not in bob.get("/spend").text
+
+
+def test_a_sweeps_page_is_its_teams(site):
+    with Store(site["home"] / "state.db") as store:
+        sweep = store.create_sweep("lr", {"sweep": {"strategy": "successive_halving"}, "rungs": [20, 40]}, 5.0,
+                                   owner="alice")
+        store.add_trial(sweep, trial=0, rung=0, params={"learning_rate": 0.01}, spec={}, name="lr/t0/r0")
+    carol, _ = login(site, "carol")
+    assert sweep in carol.get("/sweeps").text
+    page = carol.get(f"/sweeps/{sweep}").text
+    assert "learning_rate=0.01" in page and "successive_halving" in page and "$5.00" in page
+    bob, _ = login(site, "bob")
+    assert sweep not in bob.get("/sweeps").text and bob.get(f"/sweeps/{sweep}").status_code == 404

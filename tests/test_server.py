@@ -29,8 +29,8 @@ DATA = (REPO / "examples" / "data" / "alpaca-tiny.jsonl").read_bytes()
 class Server(ServerProcess):
     """One ``tunefleet server --no-daemon`` process on a home of its own, and clients for it."""
 
-    def __init__(self, home: Path, *args: str) -> None:
-        super().__init__(home, *args)
+    def __init__(self, home: Path, *args: str, **kw) -> None:
+        super().__init__(home, *args, **kw)
         self.home = home
 
     def client(self, token: str | None) -> httpx.Client:

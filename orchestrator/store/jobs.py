@@ -272,13 +272,16 @@ class JobsMixin(StoreBase):
             if cur.rowcount == 0:
                 raise JobNotFound(f"no job {job_id!r}")
             if attempt_id is not None and (loss is not None or eval_loss is not None):
-                last = c.execute("SELECT step, eval_loss FROM metrics WHERE job_id = ? AND attempt_id = ?"
-                                 " ORDER BY id DESC LIMIT 1", (job_id, attempt_id)).fetchone()
+                last = c.execute("SELECT step, (SELECT eval_loss FROM metrics WHERE job_id = ? AND attempt_id = ?"
+                                 " AND eval_loss IS NOT NULL ORDER BY id DESC LIMIT 1) FROM metrics"
+                                 " WHERE job_id = ? AND attempt_id = ? ORDER BY id DESC LIMIT 1",
+                                 (job_id, attempt_id, job_id, attempt_id)).fetchone()
                 stride = max(1, int(total_steps or 0) // 400)
                 new_eval = eval_loss is not None and (last is None or last[1] != eval_loss)
                 if last is None or new_eval or int(step) >= last[0] + stride:
-                    c.execute("INSERT INTO metrics (job_id, attempt_id, ts, step, loss, eval_loss)"
-                              " VALUES (?, ?, ?, ?, ?, ?)", (job_id, attempt_id, now, int(step), loss, eval_loss))
+                    c.execute("INSERT INTO metrics (job_id, attempt_id, ts, step, loss, eval_loss)"  # an eval
+                              " VALUES (?, ?, ?, ?, ?, ?)",  # loss only where a new one came: the eval points
+                              (job_id, attempt_id, now, int(step), loss, eval_loss if new_eval else None))
 
     def metrics(self, job_id: str) -> list[dict[str, Any]]:
         """The job's loss curve as the daemon recorded it, oldest first: {attempt_id, ts, step, loss,

@@ -70,6 +70,9 @@ def story(store, config: Config, job: JobRow) -> dict[str, Any]:
     except (StorageError, OSError, ValueError):
         checkpoints = []
     first = attempts[0] if attempts else None
+    if summary.get("eval_loss") is None:  # still training: the latest eval the daemon has seen
+        evals = [p["eval_loss"] for p in store.metrics(job.id) if p["eval_loss"] is not None]
+        summary["eval_loss"] = evals[-1] if evals else None
     return {
         "job": summary, "spec": job.spec, "owner": job.owner, "sweep_id": job.sweep_id,
         "cap_usd": (job.spec.get("policy") or {}).get("max_usd"),
@@ -93,7 +96,7 @@ def loss_chart(store, job: JobRow) -> dict[str, Any]:
     out = [{"label": k, "points": v} for k, v in series.items()]
     if evals:
         out.append({"label": "eval loss", "points": evals, "dashed": True})
-    return {"title": "Loss", "x": {"kind": "step"}, "y": {"kind": "loss", "label": "loss"}, "series": out,
+    return {"title": "", "x": {"kind": "step"}, "y": {"kind": "loss", "label": "loss"}, "series": out,
             "hlines": []}
 
 
@@ -128,9 +131,13 @@ def spend(store, config: Config, access: Access, caller: Caller) -> dict[str, An
                             "spent": store.spend_by(owner=u.name, since=start)})
     total, points = 0.0, []
     for r in sorted(rows, key=lambda r: r["ts"]):
+        if not points:
+            points.append([r["ts"], 0.0])  # a staircase from nothing, up to now
         total += r["usd"]
         points.append([r["ts"], round(total, 6)])
-    chart = {"title": "Cumulative spend", "x": {"kind": "time"}, "y": {"kind": "usd", "label": "USD"},
+    if points:
+        points.append([max(now, points[-1][0]), round(total, 6)])
+    chart = {"title": "", "x": {"kind": "time"}, "y": {"kind": "usd", "label": "USD"},
              "series": [{"label": "recorded spend", "points": points, "step": True}],
              "hlines": [{"label": f"{b['scope']} monthly budget", "y": b["limit"]} for b in budgets]}
     return {

@@ -295,5 +295,5 @@ def _quote(request: Request, who: Viewer, text: str) -> HTMLResponse:
             return render(request, "offers.html", status=422, who=who, text=text, result=None, problems=problems,
                           hazards=hazards)
         est = calibrated_estimate(spec, app.store)
-        result = offers_view(app.config, app.store, spec, est, True).to_dict()
+        result = offers_view(app.config, app.store, spec, est, False).to_dict()  # as `tunefleet offers`
     return render(request, "offers.html", who=who, text=text, result=result, problems=None, hazards=hazards)
