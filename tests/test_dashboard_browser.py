@@ -23,7 +23,6 @@ import base64
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ import yaml
 
 from orchestrator.store import Store
 from tests.test_server import DATA, REPO, Server, make_accounts
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -44,17 +44,6 @@ def _job(max_steps: int) -> dict:
     doc.update(max_steps=max_steps, save_steps=SAVE)
     doc["datasets"][0]["path"] = "data/train.jsonl"
     return {"yaml": yaml.safe_dump(doc), "files": {"data/train.jsonl": base64.b64encode(DATA).decode()}}
-
-
-def _wait(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.25)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +116,7 @@ def test_the_dashboard_in_a_real_browser(tmp_path, model_cache, shots):
 
             # ---- preempt the first job with its button once it has committed a checkpoint
             with Store(home / "state.db") as store:
-                _wait(lambda: (store.get_job(first).checkpoint_step or 0) >= SAVE
+                wait_for(lambda: (store.get_job(first).checkpoint_step or 0) >= SAVE
                       and store.get_job(first).state.value == "running", 300, "the first job to commit a checkpoint")
             page.goto(f"{base}/jobs/{first}")
             page.get_by_role("button", name="Preempt (save and move)").click()
@@ -145,7 +134,7 @@ def test_the_dashboard_in_a_real_browser(tmp_path, model_cache, shots):
             assert page.locator("li.attempt").count() == 2
 
             # ---- the loss chart holds the points the daemon logged, drawn, with a legend per attempt
-            _wait(lambda: "train loss (attempt 2)" in (page.locator(".tf-chart .u-legend").first.inner_text()
+            wait_for(lambda: "train loss (attempt 2)" in (page.locator(".tf-chart .u-legend").first.inner_text()
                                                        if page.locator(".tf-chart .u-legend").count() else ""),
                   120, "the live loss chart to show the second attempt")
             spec = json.loads(page.locator(".tf-chart").first.get_attribute("data-spec"))

@@ -14,20 +14,14 @@ import pytest
 
 from orchestrator.states import AttemptState, JobState
 from orchestrator.store import Store
-from tests.test_server import Server, body, make_accounts
+from tests.test_server import body, two_teams
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     home = tmp_path_factory.mktemp("dash-home")
-    tokens = make_accounts(home)
-    server = Server(home, "--rate", "0")
+    server, tokens, jobs = two_teams(home)
     try:
-        jobs = {}
-        for who in ("alice", "bob"):
-            r = server.client(tokens[who]).post("/jobs", json=body())
-            assert r.status_code == 201, r.text
-            jobs[who] = r.json()["id"]
         with Store(home / "state.db") as store:  # alice's job ran once, was preempted, and runs again
             job = jobs["alice"]
             a1 = store.create_attempt(job, provider="local", offer_id="cpu", usd_per_hour=0.5, start_step=0)

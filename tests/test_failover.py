@@ -25,6 +25,7 @@ import yaml
 from benchmarks.server_load import ServerProcess
 from orchestrator.store import Store
 from tests.ray_head import ray_head
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -37,17 +38,6 @@ def _tf(home: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProc
                           timeout=180, env={**os.environ, "TUNEFLEET_HOME": str(home), "HF_HUB_OFFLINE": "1", **env})
     assert proc.returncode == 0, f"tunefleet {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
     return proc
-
-
-def _wait(cond, timeout: float, what: str, on_fail=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}\n{on_fail()}")
-        time.sleep(0.05)
 
 
 def _daemon_child(server: ServerProcess) -> psutil.Process | None:
@@ -82,12 +72,12 @@ def test_kill_9_of_the_leading_replica_hands_the_queue_to_the_standby(tmp_path, 
         a = b = None
         try:
             a = ServerProcess(homes[0], env=env, daemon=True)
-            leader = _wait(lambda: (store.daemon_leader() or {}).get("holder"), 60, "replica a's daemon to lead",
+            leader = wait_for(lambda: (store.daemon_leader() or {}).get("holder"), 60, "replica a's daemon to lead",
                            lambda: a.log_path.read_text(errors="replace")[-3000:])
-            daemon_a = _wait(lambda: _daemon_child(a), 10, "replica a's daemon process")
+            daemon_a = wait_for(lambda: _daemon_child(a), 10, "replica a's daemon process")
             assert leader.endswith(f":{daemon_a.pid}")
             b = ServerProcess(homes[1], env=env, daemon=True)
-            _wait(lambda: "standby: another daemon holds the lock" in b.log_path.read_text(errors="replace"), 60,
+            wait_for(lambda: "standby: another daemon holds the lock" in b.log_path.read_text(errors="replace"), 60,
                   "replica b's daemon to wait as standby", lambda: b.log_path.read_text(errors="replace")[-3000:])
             daemon_b = _daemon_child(b)
             assert daemon_b is not None and daemon_b.is_running()
@@ -95,7 +85,7 @@ def test_kill_9_of_the_leading_replica_hands_the_queue_to_the_standby(tmp_path, 
             # A user submits through replica b (the CLI as client); replica a's daemon places it.
             client = {"TUNEFLEET_SERVER": b.url, "TUNEFLEET_TOKEN": token}
             job_id = json.loads(_tf(tmp_path, client, "submit", str(job_file), "--json").stdout)["id"]
-            _wait(lambda: store.get_job(job_id).step > 0, 300, "the job to train on the cluster",
+            wait_for(lambda: store.get_job(job_id).step > 0, 300, "the job to train on the cluster",
                   lambda: a.log_path.read_text(errors="replace")[-3000:])
             [attempt] = store.attempts_for(job_id)
 
@@ -106,7 +96,7 @@ def test_kill_9_of_the_leading_replica_hands_the_queue_to_the_standby(tmp_path, 
             daemon_a.wait(10)
             a.proc.wait(10)
 
-            took_over = _wait(lambda: (store.daemon_leader() or {}).get("holder", "").endswith(f":{daemon_b.pid}"),
+            took_over = wait_for(lambda: (store.daemon_leader() or {}).get("holder", "").endswith(f":{daemon_b.pid}"),
                               60, "replica b's daemon to take over",
                               lambda: b.log_path.read_text(errors="replace")[-3000:])
             assert took_over
@@ -114,7 +104,7 @@ def test_kill_9_of_the_leading_replica_hands_the_queue_to_the_standby(tmp_path, 
             print(f"standby took over {record['since'] - killed_at:+.2f} s after the kill "
                   f"(poll interval {POLL_S} s, try {record['tries']})")
 
-            final = _wait(lambda: store.get_job(job_id).terminal and store.get_job(job_id), 600,
+            final = wait_for(lambda: store.get_job(job_id).terminal and store.get_job(job_id), 600,
                           "the job to finish under the new leader",
                           lambda: b.log_path.read_text(errors="replace")[-3000:])
             assert final.state.value == "succeeded", final.reason

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psycopg
@@ -14,6 +13,7 @@ import pytest
 
 from orchestrator.leader import DaemonLock, PgDaemonLock
 from orchestrator.store import Store
+from tests.waiting import wait_for
 
 
 def _daemon(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -28,14 +28,6 @@ def _cut_daemon_sessions(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as c:
         c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                   " WHERE application_name LIKE 'tunefleet-daemon %' AND datname = current_database()")
-
-
-def _wait(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_pg_lock_is_exclusive_names_its_holder_and_frees_on_release(postgres):
@@ -73,7 +65,7 @@ def test_the_daemon_stops_when_it_loses_the_lock(tmp_path, postgres):
     proc = _daemon(tmp_path, env={"TUNEFLEET_DATABASE_URL": url})
     try:
         with Store(url) as store:
-            _wait(lambda: store.daemon_leader() is not None, 60, "the daemon to lead")
+            wait_for(lambda: store.daemon_leader() is not None, 60, "the daemon to lead")
             assert store.daemon_leader()["holder"].endswith(f":{proc.pid}")
         _cut_daemon_sessions(url)
         out, _ = proc.communicate(timeout=60)
@@ -99,7 +91,7 @@ def test_a_second_daemon_is_refused_unless_standby_and_a_standby_takes_over(tmp_
         standby = _daemon(tmp_path, "--standby", "--until-idle", env=env)
         try:
             with Store(url) as store:
-                _wait(lambda: (tmp_path / "logs" / "daemon.log").exists()
+                wait_for(lambda: (tmp_path / "logs" / "daemon.log").exists()
                       and "standby: another daemon holds the lock" in (tmp_path / "logs" / "daemon.log").read_text(),
                       60, "the standby to wait")
                 assert standby.poll() is None and store.daemon_leader() is None
@@ -121,7 +113,7 @@ def test_standby_on_sqlite_waits_for_the_flock(tmp_path):
     standby = _daemon(tmp_path, "--standby", "--until-idle")
     try:
         log = tmp_path / "logs" / "daemon.log"
-        _wait(lambda: log.exists() and "standby: another daemon holds the lock" in log.read_text(), 60,
+        wait_for(lambda: log.exists() and "standby: another daemon holds the lock" in log.read_text(), 60,
               "the standby to wait")
         assert standby.poll() is None
         holder.release()

@@ -57,17 +57,28 @@ def make_accounts(home: Path) -> dict[str, str]:
     return tokens
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    home = tmp_path_factory.mktemp("server-home")
+def two_teams(home: Path) -> tuple[Server, dict[str, str], dict[str, str]]:
+    """``make_accounts`` on ``home``, a server over it (no rate limit: that has a test of its own),
+    and one job each for alice (team ml) and bob (team nlp), through the API: (server, tokens, jobs)."""
     tokens = make_accounts(home)
-    server = Server(home, "--rate", "0")  # the rate limit has a test of its own
+    server = Server(home, "--rate", "0")
     try:
         jobs = {}
         for who in ("alice", "bob"):
             r = server.client(tokens[who]).post("/jobs", json=body())
             assert r.status_code == 201, r.text
             jobs[who] = r.json()["id"]
+    except BaseException:
+        server.stop()
+        raise
+    return server, tokens, jobs
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    home = tmp_path_factory.mktemp("server-home")
+    server, tokens, jobs = two_teams(home)
+    try:
         yield {"server": server, "tokens": tokens, "jobs": jobs, "home": home}
     finally:
         server.stop()
