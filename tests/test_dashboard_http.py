@@ -225,3 +225,24 @@ def test_a_sweeps_page_is_its_teams(site):
     assert "learning_rate=0.01" in page and "successive_halving" in page and "$5.00" in page
     bob, _ = login(site, "bob")
     assert sweep not in bob.get("/sweeps").text and bob.get(f"/sweeps/{sweep}").status_code == 404
+
+
+def test_resume_a_job_stopped_by_its_budget_with_a_new_cap(site):
+    from urllib.parse import unquote
+
+    with Store(site["home"] / "state.db") as store:
+        job = store.submit({"policy": {"max_usd": 1.0}}, name="capped", owner="alice")
+        store.add_spend(job, None, provider="local", usd=0.9)
+        store.transition_job(job, JobState.STOPPED_BUDGET, kind="stopped_budget", message="stopped by budget")
+    alice, csrf = login(site, "alice")
+    page = alice.get(f"/jobs/{job}").text
+    assert 'action="/jobs/%s/resume"' % job in page and "/cancel" not in page
+    low = alice.post(f"/jobs/{job}/resume", data={"csrf": csrf, "max_usd": "0.5"})
+    assert low.status_code == 303 and "is not above" in unquote(low.headers["location"])
+    with Store(site["home"] / "state.db") as store:
+        assert store.get_job(job).state is JobState.STOPPED_BUDGET  # a refused resume changes nothing
+    ok = alice.post(f"/jobs/{job}/resume", data={"csrf": csrf, "max_usd": "5"})
+    assert ok.status_code == 303 and "?done=" in ok.headers["location"]
+    with Store(site["home"] / "state.db") as store:
+        row = store.get_job(job)
+        assert row.state is JobState.QUEUED and row.spec["policy"]["max_usd"] == 5.0
