@@ -183,14 +183,16 @@ class LedgerMixin(AttemptsMixin):
             row = c.execute("SELECT COALESCE(SUM(usd), 0) FROM spend WHERE ts >= ?", (ts,)).fetchone()
         return float(row[0])
 
-    def spend_rows(self) -> list[dict[str, Any]]:
-        """The whole ledger, oldest first, joined with each job's sweep (for ``tunefleet spend``);
-        ``owner`` is the row's (its job's owner when it was recorded; None: no account)."""
+    def spend_rows(self, job_id: str | None = None) -> list[dict[str, Any]]:
+        """The whole ledger (or one job's rows), oldest first, joined with each job's sweep (for
+        ``tunefleet spend``); ``owner`` is the row's (its job's owner when it was recorded; None: no account)."""
+        sql = ("SELECT s.ts, s.job_id, s.attempt_id, s.provider, s.usd, s.kind, j.sweep_id, s.owner"
+               " FROM spend s LEFT JOIN jobs j ON j.id = s.job_id")
         with self._read() as c:
-            rows = c.execute(
-                "SELECT s.ts, s.job_id, s.attempt_id, s.provider, s.usd, s.kind, j.sweep_id, s.owner"
-                " FROM spend s LEFT JOIN jobs j ON j.id = s.job_id ORDER BY s.id"
-            ).fetchall()
+            if job_id is None:
+                rows = c.execute(sql + " ORDER BY s.id").fetchall()
+            else:
+                rows = c.execute(sql + " WHERE s.job_id = ? ORDER BY s.id", (job_id,)).fetchall()
         keys = ("ts", "job_id", "attempt_id", "provider", "usd", "kind", "sweep_id", "owner")
         return [dict(zip(keys, tuple(r), strict=True)) for r in rows]
 

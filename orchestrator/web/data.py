@@ -44,8 +44,8 @@ def story(store, config: Config, job: JobRow) -> dict[str, Any]:
     summary = with_eval(store, job_summary(store, job, now))
     records = {e.attempt_id: e.data for e in store.events(job.id) if e.kind == "attempt_created"}
     spent: dict[str, float] = {}
-    for r in store.spend_rows():
-        if r["job_id"] == job.id and r.get("attempt_id"):
+    for r in store.spend_rows(job.id):
+        if r.get("attempt_id"):
             spent[r["attempt_id"]] = spent.get(r["attempt_id"], 0.0) + r["usd"]
     attempts = []
     for a in store.attempts_for(job.id):

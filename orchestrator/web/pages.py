@@ -128,7 +128,7 @@ def queue_page(request: Request, who: Who, state: str | None = None, owner: str 
 
     app = request.app.state
     rows = data.queue(app.store, app.access, who.caller, state=state, owner=owner, sweep=sweep)
-    owners = sorted({r["owner"] for r in data.queue(app.store, app.access, who.caller) if r["owner"]})
+    owners = sorted(u.name for u in app.store.list_users() if who.caller.admin or u.team == who.caller.user.team)
     return render(request, "queue.html", who=who, rows=rows, filters=_filters(state, owner, sweep),
                   states=[s.value for s in JobState], owners=owners, sweeps=data.sweeps(app.store, who.caller))
 
