@@ -52,26 +52,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
+from urllib.parse import unquote, urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from infra.urls import redact_url
+
 PROVIDER_NAMES = ("local", "vast", "skypilot", "together", "siliconflow")  # every provider tunefleet knows
 MAX_CONFIG_BYTES = 1 << 20
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``: what logs, errors and ``--json`` may show."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return "<unparseable URL>"
-    if password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -29,7 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from infra.config import Config, redact_url
+from infra.config import Config
+from infra.urls import redact_url
 
 DAEMON_LOCK_NAME = "tunefleet-daemon"
 

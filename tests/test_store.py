@@ -1038,3 +1038,10 @@ def test_progress_with_an_attempt_draws_a_thinned_loss_curve(store: Store, clock
     other = store.submit({}, name="x")
     store.update_progress(other, step=3, total_steps=10, loss=1.0)
     assert store.metrics(other) == []
+
+
+def test_the_store_imports_only_the_standard_library() -> None:
+    """The CLI imports the store on every command: nothing heavy (pydantic, yaml, psycopg) comes with it."""
+    code = "import sys, orchestrator.store; print(sorted(m for m in ('pydantic', 'yaml', 'psycopg') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

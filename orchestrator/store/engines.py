@@ -33,7 +33,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from infra.config import redact_url
+from infra.urls import redact_url
 from orchestrator.store.rows import StoreError
 
 BUSY_TIMEOUT_S = 10.0
