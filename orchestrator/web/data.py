@@ -42,7 +42,8 @@ def story(store, config: Config, job: JobRow) -> dict[str, Any]:
 
     now = time.time()
     summary = with_eval(store, job_summary(store, job, now))
-    records = {e.attempt_id: e.data for e in store.events(job.id) if e.kind == "attempt_created"}
+    events = store.events(job.id)
+    records = {e.attempt_id: e.data for e in events if e.kind == "attempt_created"}
     spent: dict[str, float] = {}
     for r in store.spend_rows(job.id):
         if r.get("attempt_id"):
@@ -77,7 +78,7 @@ def story(store, config: Config, job: JobRow) -> dict[str, Any]:
         "job": summary, "spec": job.spec, "owner": job.owner, "sweep_id": job.sweep_id,
         "cap_usd": (job.spec.get("policy") or {}).get("max_usd"),
         "est_usd": first["est_usd"] if first else None, "attempts": attempts, "checkpoints": checkpoints,
-        "events": [{"ts": e.ts, "kind": e.kind, "message": e.message} for e in store.events(job.id)][-200:],
+        "events": [{"ts": e.ts, "kind": e.kind, "message": e.message} for e in events[-200:]],
         "terminal": job.terminal,
     }
 

@@ -55,17 +55,10 @@ def render(request: Request, name: str, status: int = 200, **context: Any) -> HT
 
 # -------------------------------------------------------------------- formatting (Jinja filters)
 def usd(value: float | None) -> str:
-    """Dollars with precision by size: $0.000076, $0.42, $12.30, $1,234."""
-    if value is None:
-        return "–"
-    v = float(value)
-    if v == 0:
-        return "$0.00"
-    if abs(v) < 0.01:
-        return f"${v:.6f}".rstrip("0")
-    if abs(v) >= 1000:
-        return f"${v:,.0f}"
-    return f"${v:,.2f}"
+    """Dollars as the CLI writes them (``orchestrator.budget.usd``); a dash for none."""
+    from orchestrator.budget import usd as dollars
+
+    return "–" if value is None else dollars(float(value))
 
 
 def duration(seconds: float | None) -> str:
@@ -279,6 +272,7 @@ def _quote(request: Request, who: Viewer, text: str) -> HTMLResponse:
     import tempfile
 
     from jobs.spec import JobFileError, load_job_text
+    from orchestrator.api.jobs import job_problems
     from orchestrator.views_fleet import calibrated_estimate, learned_rows, offers_view
     from providers.registry import PROVIDERS
 
@@ -290,10 +284,8 @@ def _quote(request: Request, who: Viewer, text: str) -> HTMLResponse:
             spec = load_job_text(text, base_dir=Path(folder), source_name="job.yaml", known_providers=PROVIDERS,
                                  now=time.time(), warnings=[], check_files=False)
         except JobFileError as exc:
-            problems = [{"loc": p.loc, "line": p.line, "message": p.message.replace(folder + "/", "")}
-                        for p in exc.problems]
-            return render(request, "offers.html", status=422, who=who, text=text, result=None, problems=problems,
-                          hazards=hazards)
+            return render(request, "offers.html", status=422, who=who, text=text, result=None,
+                          problems=job_problems(exc, Path(folder)), hazards=hazards)
         est = calibrated_estimate(spec, app.store)
         result = offers_view(app.config, app.store, spec, est, False).to_dict()  # as `tunefleet offers`
     return render(request, "offers.html", who=who, text=text, result=result, problems=None, hazards=hazards)
